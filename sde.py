@@ -1,0 +1,249 @@
+"""Stochastic sampling of a flow-matching model: one Gaussian policy per denoising step, with log-probs.
+
+GRPO needs a policy with a density. A flow-matching model is an ODE; this file turns each Euler step of
+that ODE into a Gaussian step x_{t+1} ~ N(mu_t, V_t I) whose mean keeps the marginals of the path
+(reverse-time SDE) and whose variance V_t is what the papers disagree about (SPEC §2).
+
+Equations (SPEC §1-3)
+---------------------
+Path and model:   x_sigma = (1 - sigma) x0 + sigma eps,   v = eps - x0,   dx = v dsigma (sigma 1 -> 0)
+                  x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v,   score = -eps_hat / sigma
+Reverse SDE with diffusion coefficient g(sigma), Euler drift over one step of length Delta:
+                  mu  = x - Delta v - (V / (2 sigma)) (x + (1 - sigma) v)          [FlowGRPO], [SAGE] Eq. 4
+                  V   = integral over [sigma_{t+1}, sigma_t] of g(s)^2 ds
+The kinds differ in g and in how the integral is evaluated:
+    ode    g = 0                                V = 0
+    dance  g = eta                              V = eta^2 Delta                                  [Dance]
+    flow   g = eta sqrt(s / (1 - s))            V = eta^2 sigma_t / (1 - sigma_t) Delta           [FlowGRPO]
+    sage   g = eta sqrt(s / (1 - s))            V = eta^2 (-Delta + log((1 - sigma_{t+1}) / (1 - sigma_t)))  [SAGE] Eq. 5
+    cps    (not an SDE discretisation)          V = s_t^2, s_t = sigma_{t+1} sin(eta pi / 2)     [CPS]
+           mu = (1 - sigma_{t+1}) x0_hat + sqrt(sigma_{t+1}^2 - s_t^2) eps_hat
+
+Why sage. flow and sage share the same continuous SDE; they differ only in the quadrature of
+g^2 = eta^2 s / (1 - s). Writing s / (1 - s) = -1 + 1 / (1 - s) gives the exact integral
+    eta^2 [ -(sigma_t - sigma_{t+1}) + log((1 - sigma_{t+1}) / (1 - sigma_t)) ],
+whose log term is [SAGE]'s "logarithmic curvature correction". flow evaluates the integrand at the
+left (noisier) endpoint; s / (1 - s) is increasing, so the left endpoint is its maximum on the step and
+flow injects more noise than the SDE asks for, by the most where sigma is large and the integrand
+steep. That surplus is what pushes rollouts off the data manifold ([SAGE] Fig. 1).
+
+Log-probability. logp = mean over the non-batch elements of the Gaussian log-density. The mean (not the
+sum) follows every reference implementation; it is why the PPO clip range is 1e-4 rather than 0.2.
+
+Gradient norm equalizer ([SAGE] Eq. 8-9). |d logp / d v| = |d mu / d v| / std up to the residual, so
+    N_t = |d mu_t / d v| / std_t,   S_t = median_tau N_tau / N_t,
+with d mu / d v = -(Delta + V (1 - sigma) / (2 sigma)) (SDE kinds) or
+-sigma_t (1 - sigma_{t+1}) + (1 - sigma_t) sqrt(sigma_{t+1}^2 - s_t^2) (cps). S_t is analytic: it
+depends on the schedule only, never on measured gradients.
+
+Conventions
+-----------
+- Time runs from noise to data: step t = 0..K-1 goes from sigma_t to sigma_{t+1} < sigma_t and
+  Delta_t = sigma_t - sigma_{t+1} > 0. The transformer sees timestep = 1000 sigma (caller's business).
+- sigma may be a float or a per-sample tensor (N,); it broadcasts over the remaining dims, so the same
+  code serves a toy batch (N, D) and a video latent batch (N, C, F, H, W).
+- mu, std and logp are float32 whatever dtype the model runs in (bf16 overflows in mu).
+- A step with V = 0 (ode, cps at its last step, eta = 0) is deterministic: it has no log-prob and is
+  never trained (its logp is stored as 0 and masked by `is_stochastic`).
+
+Deviations / choices
+--------------------
+1. The sigma = 1 singularity. flow evaluates sigma / (1 - sigma) with the denominator's sigma replaced
+   by sigma_{t+1} at sigma_t = 1, as [FlowGRPO]'s code does (it uses the scheduler's sigma_1). sage
+   clamps sigma_t to 1 - SAGE_SIGMA_GUARD inside the log only, as the [SAGE] code does; this makes
+   step 0 its noisiest step. If the schedule's sigma_1 lies above the guard the clamped integral turns
+   negative, so we raise a ValueError instead of returning a negative variance.
+2. cps uses the full Gaussian log-density (SPEC §2 choice); the reference CPS code drops the constants
+   and the 1 / (2 s^2) factor, which changes the scale of the ratio but not its sign.
+3. The equalizer takes the median over stochastic steps only and gives deterministic steps S_t = 0.
+4. `generator` may be one torch.Generator or a list of N (one per sample), so that a sample's noise
+   depends on its own seed only, not on how samples are batched or split across processes.
+
+Run: `python -m pytest tests/test_sde.py -q`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+KINDS = ("ode", "dance", "flow", "sage", "cps")
+SAGE_SIGMA_GUARD = 3e-3  # [SAGE] code: sigma_t is clamped to 1 - 3e-3 inside the log
+
+
+def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """K + 1 noise levels from 1 to 0 with the SD3 shift s sigma / (1 + (s - 1) sigma)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sigma = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)  # (K+1,)
+    # The shift spends more steps at high noise, where the layout of a video is decided.
+    return (shift * sigma / (1 + (shift - 1) * sigma)).float()  # (K+1,)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown SDE kind {kind!r}; choose one of {KINDS}")
+
+
+def _as_tensor(sigma, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Floats and tensors alike become float32 tensors (on `like`'s device)."""
+    device = like.device if like is not None else None
+    return torch.as_tensor(sigma, dtype=torch.float32, device=device)
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample (N,) -> (N, 1, ..., 1) so it broadcasts over x's non-batch dims; scalars pass."""
+    return t.reshape(t.shape + (1,) * (x.dim() - t.dim())) if t.dim() == 1 else t
+
+
+def step_variance(sigma, sigma_next, kind: str, eta: float) -> torch.Tensor:
+    """V_t of one step (SPEC §2 table); same shape as sigma (scalar or (N,))."""
+    _check_kind(kind)
+    sigma, sigma_next = _as_tensor(sigma), _as_tensor(sigma_next, None).to(_as_tensor(sigma).device)
+    # float64 for the log and the near-cancellation -Delta + log(...), then back to float32.
+    s, sn = sigma.double(), sigma_next.double()
+    delta = s - sn
+    if kind == "ode" or eta == 0:
+        V = torch.zeros_like(s)
+    elif kind == "dance":
+        V = eta**2 * delta  # [Dance]: constant diffusion coefficient eta
+    elif kind == "flow":
+        # [FlowGRPO]: left-endpoint Euler of the integral; at sigma = 1 the denominator uses sigma_{t+1}.
+        denom_sigma = torch.where(s >= 1, sn, s)
+        V = eta**2 * s / (1 - denom_sigma) * delta
+    elif kind == "sage":
+        s_clamped = s.clamp(max=1 - SAGE_SIGMA_GUARD)  # [SAGE] code guard, inside the log only
+        V = eta**2 * (-delta + torch.log((1 - sn) / (1 - s_clamped)))  # [SAGE] Eq. 5
+    else:  # cps
+        V = (sn * math.sin(eta * math.pi / 2)) ** 2  # [CPS]: s_t = sigma_{t+1} sin(eta pi / 2)
+    return V.float()
+
+
+def step_variances(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
+    """(K,) V_t for a whole schedule, checked once: finite and >= 0, and > 0 wherever the kind is
+    stochastic (a negative sage variance means sigma_1 lies above the guard; see Deviations 1)."""
+    V = step_variance(sigmas[:-1], sigmas[1:], kind, eta)  # (K,)
+    if not bool(torch.isfinite(V).all()) or bool((V < 0).any()):
+        raise ValueError(
+            f"{kind} step variances are not finite and non-negative (first: {V[:3].tolist()}). For sage this means the "
+            f"schedule's first step lands above 1 - SAGE_SIGMA_GUARD ({SAGE_SIGMA_GUARD}): use fewer "
+            f"steps or a smaller shift, or lower sde.SAGE_SIGMA_GUARD."
+        )
+    return V
+
+
+def step_mean_std(x, v, sigma, sigma_next, kind: str, eta: float):
+    """(mu, std) of the Gaussian step from x at sigma to sigma_next given the velocity v.
+
+    Differentiable in v: this is the function training calls on a fresh velocity to get mu_theta.
+    Returns mu with x's shape (float32) and std with sigma's shape (scalar or (N,)).
+    """
+    _check_kind(kind)
+    x, v = x.float(), v.float()  # float32 island: bf16 overflows in mu at low sigma
+    sigma, sigma_next = _as_tensor(sigma, x), _as_tensor(sigma_next, x)
+    V = step_variance(sigma, sigma_next, kind, eta).to(x.device)  # () or (N,)
+    s, sn, Vb = _bcast(sigma, x), _bcast(sigma_next, x), _bcast(V, x)
+    if kind == "cps":
+        x0_hat, eps_hat = x - s * v, x + (1 - s) * v
+        # [CPS]: the x0 and noise coefficients of the path at sigma_{t+1} are kept exactly:
+        # (1 - sigma_{t+1}) for x0 and sqrt(sigma_{t+1}^2 - s_t^2) + s_t (the fresh noise) for eps.
+        mu = (1 - sn) * x0_hat + torch.sqrt((sn**2 - Vb).clamp(min=0)) * eps_hat
+    else:
+        # Reverse-SDE Euler drift: the ODE step plus the score correction -V/(2 sigma) eps_hat.
+        # (ode and eta = 0 give V = 0, so mu is the plain Euler step x - Delta v.)
+        mu = x - (s - sn) * v - Vb / (2 * s) * (x + (1 - s) * v)  # [FlowGRPO], [SAGE] Eq. 4
+    return mu, V.sqrt()
+
+
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like x; one generator per sample if a list is given."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generator]).to(x.device)
+    gen_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=gen_device).to(x.device)
+
+
+def sde_step(x, v, sigma, sigma_next, kind: str, eta: float, generator=None):
+    """One stochastic step: (x_next, mu, std) with x_next = mu + std z, z ~ N(0, I)."""
+    mu, std = step_mean_std(x, v, sigma, sigma_next, kind, eta)
+    # Noise is drawn even where std = 0 (then x_next == mu exactly) so that the random stream, and
+    # hence every later sample, does not depend on which steps happen to be deterministic.
+    x_next = mu + _bcast(std, mu) * _randn_like(mu, generator)
+    return x_next, mu, std
+
+
+def log_prob(x_next, mu, std) -> torch.Tensor:
+    """(N,) Gaussian log-density of x_next under N(mu, std^2), averaged over non-batch elements.
+
+    x_next is the stored rollout sample (no gradient); gradients flow through mu only. std > 0 is
+    required: deterministic steps have no density and must be masked out before calling this.
+    """
+    x_next, mu = x_next.detach().float(), mu.float()
+    std = _bcast(_as_tensor(std, mu), mu)
+    # -(x - mu)^2 / (2 V) - log std - log sqrt(2 pi), then the mean (not the sum) over elements.
+    logp = -((x_next - mu) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.flatten(1).mean(dim=1)  # (N,)
+
+
+def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
+    """(K,) [SAGE] gradient norm equalizer S_t = median(N) / N_t with N_t = |d mu / d v| / std_t."""
+    _check_kind(kind)
+    s, sn = sigmas[:-1].double(), sigmas[1:].double()  # (K,)
+    V = step_variances(sigmas, kind, eta).double()  # (K,)
+    if kind == "cps":
+        dmu_dv = -s * (1 - sn) + (1 - s) * torch.sqrt((sn**2 - V).clamp(min=0))
+    else:
+        dmu_dv = -((s - sn) + V * (1 - s) / (2 * s))  # [SAGE] Eq. 8
+    stochastic = V > 0
+    S = torch.zeros_like(s)  # deterministic steps are not trained: weight 0
+    if stochastic.any():
+        N = dmu_dv.abs()[stochastic] / V[stochastic].sqrt()
+        S[stochastic] = N.median() / N  # [SAGE] Eq. 9
+    return S.float()
+
+
+@dataclass
+class Trajectory:
+    """What a rollout stores for training (all detached, float32)."""
+
+    latents: torch.Tensor  # (N, K+1, ...) x_0 = x_T (noise) ... x_K (sample)
+    mu: torch.Tensor  # (N, K, ...) the rollout policy's means, mu_old for the step-wise KL
+    std: torch.Tensor  # (K,) per-step std (0 for deterministic steps)
+    logp: torch.Tensor  # (N, K) logp_old; 0 where the step is deterministic
+    sigmas: torch.Tensor  # (K+1,)
+
+    @property
+    def is_stochastic(self) -> torch.Tensor:
+        return self.std > 0  # (K,)
+
+
+@torch.no_grad()
+def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator=None) -> Trajectory:
+    """Sample K stochastic steps from x_T, storing latents, means, stds and log-probs.
+
+    velocity_fn(x, sigma) -> v is all it knows of a model; sigma is passed as a per-sample tensor (N,)
+    so that training, which mixes timesteps within a batch, recomputes exactly the same numbers.
+    """
+    x = x_T.float()
+    N, K = x.shape[0], len(sigmas) - 1
+    sigmas = sigmas.cpu()
+    stochastic = step_variances(sigmas, kind, eta) > 0  # (K,) decided once, on the host: no syncs below
+    sigmas_dev = sigmas.to(x.device)
+    latents, mus, stds, logps = [x], [], [], []
+    for t in range(K):
+        sigma, sigma_next = sigmas_dev[t].expand(N), sigmas_dev[t + 1].expand(N)  # (N,), (N,)
+        x_next, mu, std = sde_step(x, velocity_fn(x, sigma), sigma, sigma_next, kind, eta, generator)
+        logps.append(log_prob(x_next, mu, std) if stochastic[t] else torch.zeros(N, device=x.device))
+        latents.append(x_next), mus.append(mu), stds.append(std[0])
+        x = x_next
+    return Trajectory(
+        latents=torch.stack(latents, 1),  # (N, K+1, ...)
+        mu=torch.stack(mus, 1),  # (N, K, ...)
+        std=torch.stack(stds).cpu(),  # (K,)  one device-to-host copy per rollout
+        logp=torch.stack(logps, 1),  # (N, K)
+        sigmas=sigmas,
+    )

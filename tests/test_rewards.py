@@ -1,0 +1,60 @@
+"""The proxy rewards rank hand-made clips the way their definitions say."""
+import pytest
+import torch
+
+import rewards
+
+
+def _clip(rgb, frames=6, size=8):
+    return torch.tensor(rgb).view(1, 3, 1, 1).expand(frames, 3, size, size).clone()
+
+
+def test_flicker_scores_lower_on_temporal_than_a_steady_clip():
+    steady = _clip([0.5, 0.5, 0.5])
+    flicker = steady.clone()
+    flicker[::2] = 0.0
+    s = rewards.ProxyReward()(torch.stack([steady, flicker]), ["a ball", "a ball"])
+    assert s["temporal"][0] == 1.0 and s["temporal"][1] < 0.1
+
+
+def test_colour_word_decides_semantic():
+    red, blue = _clip([0.9, 0.1, 0.1]), _clip([0.1, 0.1, 0.9])
+    s = rewards.ProxyReward()(torch.stack([red, blue]), ["a red ball", "a red ball"])
+    assert s["semantic"][0] > s["semantic"][1]
+    s2 = rewards.ProxyReward()(torch.stack([red, blue]), ["a ball", "a ball"])
+    assert torch.equal(s2["semantic"], torch.full((2,), 0.5))  # no colour word: no signal
+
+
+def test_contrast_decides_visual():
+    flat = _clip([0.5, 0.5, 0.5])
+    checker = flat.clone()
+    checker[..., ::2, ::2] = 1.0
+    checker[..., 1::2, 1::2] = 0.0
+    s = rewards.ProxyReward()(torch.stack([flat, checker]), ["x", "x"])
+    assert s["visual"][0] == 0 and s["visual"][1] > 0.5
+
+
+def test_score_batched_equals_one_call_and_checks_input():
+    v = torch.rand(5, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["red", "blue", "green", "a cat", "white"]
+    scorer = rewards.ProxyReward()
+    one = scorer(v, prompts)
+    batched = rewards.score_batched(scorer, v, prompts, 8.0, batch_size=2)
+    assert torch.allclose(batched, torch.stack([one[n] for n in rewards.COMPONENTS], 1))
+    assert ((batched >= 0) & (batched <= 1)).all()
+    with pytest.raises(ValueError, match=r"\(N, F, 3, H, W\)"):
+        scorer(v[:, :, :2], prompts)
+    with pytest.raises(ValueError, match="prompts"):
+        scorer(v, prompts[:2])
+
+
+def test_nonfinite_scores_are_reported_not_hidden():
+    def broken(videos, prompts, fps):
+        out = rewards.ProxyReward()(videos, prompts, fps)
+        out["visual"][0] = float("nan")
+        return out
+    with pytest.warns(UserWarning, match="non-finite"):
+        scores = rewards.score_batched(broken, torch.rand(2, 2, 3, 4, 4), ["a", "b"], 8.0, 4)
+    assert torch.isnan(scores[0, 0])
+    with pytest.raises(ValueError, match="unknown reward"):
+        rewards.build_reward("clip")
