@@ -42,6 +42,9 @@ import warnings
 
 import torch
 
+import sde
+from trust_region import gaussian_kl
+
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0, eps: float = 1e-6):
     """(N,) advantages, normalised within consecutive groups of `group_size`; see Deviations 1-2."""
@@ -113,3 +116,18 @@ def step_loss(logp, logp_old, A, weight, kl_pos, kl_vel, lambda_kl, beta_pos, be
         kl_vel=kl_vel.detach().mean(),
     )
     return loss.mean(), stats
+
+
+def trained_step_loss(velocity_fn, traj, t, A, kind, eta, weight, mu_anchor, lambda_kl, beta_pos, beta_vel, clip_range):
+    """Loss of one trained step per sample: the inner-loop body shared by train.py and the toy.
+
+    t: (N,) the step each sample trains now (a column of select_timesteps). weight: (K,) equalizer
+    (ones to disable). mu_anchor: (N, ...) anchor means of those steps, from the rollout phase, or None
+    when the anchor equals the rollout policy (then mu_old stands in for it).
+    """
+    mu, std, logp = sde.policy_step(velocity_fn, traj, t, kind, eta)
+    _, _, _, _, mu_old, logp_old = traj.at(t)
+    var = std**2  # (N,) same variance for theta, anchor and old policy: it depends on the schedule only
+    kl_pos = gaussian_kl(mu, mu_old if mu_anchor is None else mu_anchor, var) if beta_pos > 0 else None
+    kl_vel = gaussian_kl(mu, mu_old, var) if beta_vel > 0 else None  # Deviations 1 of trust_region.py
+    return step_loss(logp, logp_old, A, weight.to(t.device)[t], kl_pos, kl_vel, lambda_kl, beta_pos, beta_vel, clip_range)

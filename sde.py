@@ -220,6 +220,25 @@ class Trajectory:
     def is_stochastic(self) -> torch.Tensor:
         return self.std > 0  # (K,)
 
+    def at(self, t: torch.Tensor):
+        """Sample i's stored step t[i]: (x_t, x_next, sigma, sigma_next, mu_old, logp_old), each (N, ...)."""
+        rows = torch.arange(len(t), device=t.device)
+        sigmas = self.sigmas.to(self.latents.device)
+        return (self.latents[rows, t], self.latents[rows, t + 1], sigmas[t], sigmas[t + 1],
+                self.mu[rows, t], self.logp[rows, t])
+
+
+def policy_step(velocity_fn: Callable, traj: Trajectory, t: torch.Tensor, kind: str, eta: float):
+    """Recompute (mu, std, logp) of stored steps t (N,), one step per sample, with the current model.
+
+    This is the training forward, and (under no_grad, anchor swapped in) the anchor's forward. It goes
+    through the same velocity_fn / step_mean_std / log_prob as the rollout, with per-sample sigmas as
+    the rollout passes them, so unchanged weights give exactly logp_old.
+    """
+    x_t, x_next, sigma, sigma_next, _, _ = traj.at(t)
+    mu, std = step_mean_std(x_t, velocity_fn(x_t, sigma), sigma, sigma_next, kind, eta)
+    return mu, std, log_prob(x_next, mu, std)
+
 
 @torch.no_grad()
 def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator=None) -> Trajectory:
