@@ -1,0 +1,377 @@
+"""HunyuanVideo-1.5 plumbing for GRPO: load the model parts, encode prompts, give the (CFG-guided) policy
+velocity, and decode latents to frames. No RL maths lives here.
+
+What it reproduces from diffusers' `HunyuanVideo15Pipeline` (diffusers 0.42.1), text-to-video only:
+- Prompt encoding (`_get_mllm_prompt_embeds`): the prompt goes into a system + user chat template, the
+  Qwen2.5-VL language model runs on it, we keep `hidden_states[-3]` and crop the system-prompt tokens
+  (108 at full scale), giving (N, 1000, 3584) + mask. ByT5 (`_get_byt5_prompt_embeds`) encodes only
+  the text in quotes, `Text "..."`; a prompt without quotes gets zeros and an all-zero mask.
+- The denoiser call: input = cat([latents, zero condition latents, zero mask], channels) (2C+1
+  channels), timestep = 1000 sigma, both text streams, zero image embeddings (= text-to-video).
+- Guidance: `ClassifierFreeGuidance` defaults, v = v_uncond + g (v_cond - v_uncond), no guidance
+  rescale; the negative prompt is the empty string (the pipeline's default when none is given).
+- Decoding: latents / vae.config.scaling_factor, VAE decode, [-1, 1] -> [0, 1] with a clamp. The VAE
+  config has no shift factor and no latents mean/std, so nothing else is done.
+
+Conventions (SPEC section 1): sigma in [0, 1], sigma = 1 is pure noise; the transformer gets
+timestep = 1000 sigma; it predicts the velocity v = eps - x0. Latents are (N, C, F, H, W).
+
+Deviations / choices:
+1. Sampling state stays float32. The pipeline keeps latents in the transformer dtype (bf16); we cast
+   only the transformer inputs, so the SDE maths outside (mu, V, logp) is float32. The timestep is
+   cast to the transformer dtype as in the pipeline (its time embedding needs the weights' dtype), so in
+   bf16 1000 sigma is rounded the same way the pipeline rounds it.
+2. Cond and uncond go through ONE batched forward (the pipeline makes two calls). The transformer
+   masks every sample separately, so the result is the same up to float reduction order.
+3. One zero image token instead of the pipeline's 729. In text-to-video mode the transformer multiplies
+   the image tokens by 0 and masks them out of attention, so the velocity is identical (the tests
+   compare against a plain call with 729 tokens) while the dense per-block attention mask is smaller.
+4. Weights are never downloaded implicitly (about 35 GB): a hub id must already be in the local cache,
+   a folder must hold the Diffusers layout. Otherwise we stop at once with the download command.
+5. LoRA weights are kept in float32 on a bf16 transformer: a bf16 weight has 8 mantissa bits, so an
+   AdamW update smaller than 1/256 of the weight would be lost. peft casts the input to the LoRA dtype
+   and the sum back to the layer's dtype.
+6. The "tiny" backbone is the same classes with tiny configs, random weights from `seed`, a byte-level
+   Qwen2 tokenizer built in code, a short system prompt and short text lengths (32 and 16 tokens).
+
+Test: `python -m pytest tests/test_hunyuan.py -q` (CPU, tiny backbone, about 10 s on 2 idle cores).
+"""
+import inspect
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                       HunyuanVideo15Transformer3DModel)
+from peft import LoraConfig
+from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5Config,
+                          T5EncoderModel)
+
+BACKBONES = ("hunyuan15", "tiny")
+DEFAULT_PRETRAINED = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+
+QWEN_LAYER = -3     # pipeline: num_hidden_layers_to_skip = 2 -> hidden_states[-(2 + 1)]
+IMAGE_TOKENS = 1    # Deviation 3; the pipeline uses 729 (SigLIP 27 x 27), all masked out in t2v
+# The pipeline's Qwen/ByT5 lengths and system-prompt crop (its constants, checked in the tests).
+HUNYUAN_MAX_LENGTH, HUNYUAN_MAX_LENGTH_2, HUNYUAN_CROP_START = 1000, 256, 108
+# Only the DiT blocks' attention projections; plain "to_q" would also hit the text token refiner.
+LORA_TARGETS = (r".*transformer_blocks\.\d+\.attn\."
+                r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
+
+# Tiny configs (ECOSYSTEM.md): same classes, a few thousand to a few million parameters, CPU-fast.
+TINY_TRANSFORMER = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+                        text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16,
+                        task_type="t2v")
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+                spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
+                upsample_match_channel=False)
+TINY_SYSTEM_MESSAGE = "Describe the video."
+# Qwen2.5-VL's chat template reduced to plain-string messages, which is all the pipeline sends.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass
+class Backbone:
+    name: str
+    transformer: HunyuanVideo15Transformer3DModel
+    vae: AutoencoderKLHunyuanVideo15
+    text_encoder: Qwen2_5_VLTextModel
+    tokenizer: Qwen2Tokenizer
+    text_encoder_2: T5EncoderModel
+    tokenizer_2: ByT5Tokenizer
+    shift: float            # SD3 time shift of the scheduler (5.0 at 480p, 3.0 tiny)
+    spatial_factor: int     # VAE pixels per latent pixel (16 real, 4 tiny)
+    temporal_factor: int    # VAE frames per latent frame after the first (4 real, 2 tiny)
+    latent_channels: int    # C (32 real, 4 tiny)
+    system_message: str     # Qwen system prompt, cropped away after encoding
+    crop_start: int         # number of chat-template tokens before the user's prompt
+    max_length: int         # Qwen tokens kept after the crop
+    max_length_2: int       # ByT5 tokens
+
+
+def load_backbone(name: str, pretrained: str | None = None, device="cpu", dtype=torch.float32,
+                  seed: int = 0) -> Backbone:
+    """Builds the transformer, VAE and both text encoders on `device` in `dtype`, all in eval mode; the
+    VAE and text encoders are frozen. "tiny" ignores `pretrained` and draws its weights from `seed`."""
+    if name == "tiny":
+        backbone = _build_tiny(seed, dtype)
+    elif name == "hunyuan15":
+        backbone = _load_hunyuan15(pretrained or DEFAULT_PRETRAINED, dtype)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    for part in (backbone.transformer, backbone.vae, backbone.text_encoder, backbone.text_encoder_2):
+        part.to(device).eval()
+    for part in (backbone.vae, backbone.text_encoder, backbone.text_encoder_2):
+        part.requires_grad_(False)
+    return backbone
+
+
+def _load_hunyuan15(pretrained: str, dtype: torch.dtype) -> Backbone:
+    root = _find_weights(pretrained)
+    tokenizer = Qwen2Tokenizer.from_pretrained(root, subfolder="tokenizer")
+    tokenizer.padding_side = "right"   # the crop below assumes the template starts at position 0
+    vae = AutoencoderKLHunyuanVideo15.from_pretrained(root, subfolder="vae", dtype=dtype)
+    # The exact system prompt the model was trained with, read from the pipeline so the two cannot drift.
+    system_message = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters[
+        "system_message"].default
+    return Backbone(
+        name="hunyuan15",
+        transformer=HunyuanVideo15Transformer3DModel.from_pretrained(root, subfolder="transformer", dtype=dtype),
+        vae=vae,
+        text_encoder=Qwen2_5_VLTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype),
+        tokenizer_2=ByT5Tokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+        shift=float(FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")["shift"]),
+        spatial_factor=vae.config.spatial_compression_ratio, temporal_factor=vae.config.temporal_compression_ratio,
+        latent_channels=vae.config.latent_channels, system_message=system_message,
+        crop_start=HUNYUAN_CROP_START, max_length=HUNYUAN_MAX_LENGTH, max_length_2=HUNYUAN_MAX_LENGTH_2)
+
+
+def _find_weights(pretrained: str) -> str:
+    """Local folder holding the Diffusers layout, or a RuntimeError that says how to get one (Deviation 4)."""
+    if os.path.isdir(pretrained):
+        root, problem = pretrained, None
+    else:
+        import huggingface_hub
+        try:   # local_files_only: answers from the cache in milliseconds, never touches the network
+            root, problem = huggingface_hub.snapshot_download(pretrained, local_files_only=True), None
+        except Exception as err:   # not cached, offline, or not a valid repo id / path
+            root, problem = None, f"not a folder and not in the Hugging Face cache ({type(err).__name__})"
+    if root is not None:
+        missing = [sub for sub in SUBFOLDERS if not os.path.isdir(os.path.join(root, sub))]
+        problem = f"missing subfolders {missing}" if missing else None
+    if problem is None:
+        return root
+    repo = pretrained if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) else DEFAULT_PRETRAINED
+    raise RuntimeError(
+        f"HunyuanVideo-1.5 weights not found at {pretrained!r}: {problem}.\n"
+        f"Download them once (about 35 GB; this code never downloads implicitly):\n"
+        f"    hf download {repo} --local-dir checkpoints/hunyuanvideo15\n"
+        f"(older huggingface_hub: huggingface-cli download {repo} --local-dir checkpoints/hunyuanvideo15)\n"
+        f"then pass --pretrained checkpoints/hunyuanvideo15")
+
+
+def _build_tiny(seed: int, dtype: torch.dtype) -> Backbone:
+    tokenizer, tokenizer_2 = _byte_level_qwen_tokenizer(), ByT5Tokenizer()
+    # fork_rng: building the tiny model must not move the caller's global random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = HunyuanVideo15Transformer3DModel(**TINY_TRANSFORMER)
+        vae = AutoencoderKLHunyuanVideo15(**TINY_VAE)
+        # 3 layers, so hidden_states[-3] is the output of a real layer, not the token embeddings.
+        text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6,
+            rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    if dtype != torch.float32:   # skip the no-op cast: diffusers warns on every .to(dtype)
+        for part in (transformer, vae, text_encoder, text_encoder_2):
+            part.to(dtype)
+    return Backbone(
+        name="tiny", transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, shift=3.0, spatial_factor=4, temporal_factor=2,
+        latent_channels=4, system_message=TINY_SYSTEM_MESSAGE,
+        crop_start=_system_prefix_length(tokenizer, TINY_SYSTEM_MESSAGE), max_length=32, max_length_2=16)
+
+
+def _byte_level_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer with no merges: one token per UTF-8 byte plus Qwen's three special tokens.
+    GPT-2 byte-level BPE names each byte by a printable character: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes are shifted to chr(256 + k), in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Qwen2Tokenizer(vocab={s: i for i, s in enumerate(symbols + specials)}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})   # never split them into bytes
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _chat(prompts: list[str], system_message: str) -> list[list[dict]]:
+    # As the pipeline's format_text_input: an empty prompt becomes a single space.
+    return [[{"role": "system", "content": system_message}, {"role": "user", "content": p or " "}] for p in prompts]
+
+
+def _system_prefix_length(tokenizer, system_message: str) -> int:
+    """Tokens before the user's text in the chat template: the crop that removes the system prompt."""
+    marker = "\x00"
+    text = tokenizer.apply_chat_template(_chat([marker], system_message)[0], tokenize=False)
+    return len(tokenizer(text[: text.index(marker)]).input_ids)
+
+
+def latent_shape(backbone, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(C, F', H', W') of the latent for a clip, with F' = (F - 1) / temporal + 1 (the VAE is causal: the
+    first frame has its own latent) and H' = H / spatial."""
+    t = backbone.temporal_factor
+    s = backbone.spatial_factor * backbone.transformer.config.patch_size
+    if num_frames < 1 or (num_frames - 1) % t:
+        raise ValueError(f"num_frames must be {t}k+1 (e.g. {8 * t + 1}, {20 * t + 1}, {30 * t + 1}); got {num_frames}")
+    if height % s or width % s or height < s or width < s:
+        raise ValueError(f"height and width must be positive multiples of {s} (e.g. {30 * s}x{53 * s}); "
+                         f"got {height}x{width}")
+    return backbone.latent_channels, (num_frames - 1) // t + 1, height // backbone.spatial_factor, \
+        width // backbone.spatial_factor
+
+
+@dataclass
+class PromptEmbeds:
+    """Both text streams for N rows: Qwen (N, L, D) + mask (N, L), ByT5 (N, L2, D2) + mask (N, L2)."""
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    embeds_2: torch.Tensor
+    mask_2: torch.Tensor
+
+    def _map(self, fn) -> "PromptEmbeds":
+        return PromptEmbeds(fn(self.embeds), fn(self.mask), fn(self.embeds_2), fn(self.mask_2))
+
+    def repeat_interleave(self, n: int) -> "PromptEmbeds":
+        """Row i goes to rows i*n .. (i+1)*n - 1: the G samples of a prompt are contiguous."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def index(self, idx) -> "PromptEmbeds":
+        """Rows selected by a LongTensor, list or slice (keeps the first dim)."""
+        return self._map(lambda t: t[idx])
+
+    __getitem__ = index
+
+    def to(self, device) -> "PromptEmbeds":
+        return self._map(lambda t: t.to(device))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        fields = ("embeds", "mask", "embeds_2", "mask_2")
+        return PromptEmbeds(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+
+
+class PromptCache:
+    """Encodes each distinct prompt once (no_grad) and keeps the result, so text encoders can leave the GPU."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.device = next(backbone.text_encoder.parameters()).device   # where cached embeddings live
+        self.cache: dict[str, PromptEmbeds] = {}
+
+    def __call__(self, prompts: list[str]) -> PromptEmbeds:
+        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if new:
+            encoded = _encode_prompts(self.backbone, new).to(self.device)
+            self.cache.update({p: encoded[i:i + 1] for i, p in enumerate(new)})
+        return PromptEmbeds.cat([self.cache[p] for p in prompts])
+
+    def negative(self, n: int) -> PromptEmbeds:
+        """The pipeline's unconditional input when no negative prompt is given: the empty prompt."""
+        return self([""]).repeat_interleave(n)
+
+    def offload_encoders(self):
+        """Moves both text encoders to CPU. Later, unseen prompts still work, only slowly (on CPU)."""
+        self.backbone.text_encoder.to("cpu")
+        self.backbone.text_encoder_2.to("cpu")
+
+
+@torch.no_grad()
+def _encode_prompts(backbone: Backbone, prompts: list[str]) -> PromptEmbeds:
+    tokenizer, encoder = backbone.tokenizer, backbone.text_encoder
+    device = next(encoder.parameters()).device
+    # Qwen stream: pad system + prompt to crop + max_length tokens, then drop the system-prompt tokens.
+    tokens = tokenizer.apply_chat_template(
+        _chat(prompts, backbone.system_message), add_generation_prompt=True, tokenize=True, return_dict=True,
+        padding="max_length", max_length=backbone.max_length + backbone.crop_start, truncation=True,
+        return_tensors="pt").to(device)
+    hidden = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                     output_hidden_states=True).hidden_states[QWEN_LAYER]
+    embeds, mask = hidden[:, backbone.crop_start:], tokens.attention_mask[:, backbone.crop_start:]
+
+    # ByT5 stream: only prompts with quoted text run the encoder; the rest stay zero with a zero mask.
+    encoder_2, length_2 = backbone.text_encoder_2, backbone.max_length_2
+    embeds_2 = torch.zeros(len(prompts), length_2, encoder_2.config.d_model, device=device, dtype=encoder_2.dtype)
+    mask_2 = torch.zeros(len(prompts), length_2, device=device, dtype=torch.long)
+    glyphs = [_glyph_text(p) for p in prompts]
+    rows = [i for i, g in enumerate(glyphs) if g is not None]
+    if rows:
+        tokens_2 = backbone.tokenizer_2([glyphs[i] for i in rows], padding="max_length", max_length=length_2,
+                                        truncation=True, return_tensors="pt").to(device)
+        embeds_2[rows] = encoder_2(input_ids=tokens_2.input_ids,
+                                   attention_mask=tokens_2.attention_mask)[0].to(embeds_2.dtype)
+        mask_2[rows] = tokens_2.attention_mask
+    return PromptEmbeds(embeds, mask, embeds_2, mask_2)
+
+
+def _glyph_text(prompt: str) -> str | None:
+    """The pipeline's extract_glyph_texts: text inside "..." or “...”, de-duplicated, as 'Text "a". '."""
+    found = [a or b for a, b in re.findall(r"\"(.*?)\"|“(.*?)”", prompt)]
+    found = list(dict.fromkeys(found))
+    return ". ".join(f'Text "{t}"' for t in found) + ". " if found else None
+
+
+def velocity(transformer, x, sigma, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float) -> torch.Tensor:
+    """Policy velocity v(x, sigma) (N, C, F, H, W) float32; CFG-combined when `uncond` is given and
+    guidance != 1 (the ClassifierFreeGuidance guider also switches off at exactly 1). Differentiable."""
+    core = getattr(transformer, "module", transformer)   # [dist] DDP wraps the model; config lives inside
+    dtype = next(core.parameters()).dtype
+    N = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(N)  # (N,)
+    guided = uncond is not None and not math.isclose(guidance, 1.0)
+    if guided:   # one forward for both halves (Deviation 2); uncond first, as below
+        x, sigma, text = torch.cat([x, x]), torch.cat([sigma, sigma]), PromptEmbeds.cat([uncond, cond])
+    else:
+        text = cond
+    zeros = torch.zeros_like(x[:, :1])
+    # t2v input: noisy latents, zero condition latents, zero condition mask -> (N, 2C+1, F, H, W)
+    hidden = torch.cat([x, torch.zeros_like(x), zeros], dim=1).to(dtype)
+    image_embeds = torch.zeros(x.shape[0], IMAGE_TOKENS, core.config.image_embed_dim, device=x.device, dtype=dtype)
+    v = transformer(
+        hidden_states=hidden, timestep=(1000 * sigma).to(dtype),   # SPEC 1: timestep = 1000 sigma
+        encoder_hidden_states=text.embeds.to(x.device, dtype), encoder_attention_mask=text.mask.to(x.device),
+        encoder_hidden_states_2=text.embeds_2.to(x.device, dtype), encoder_attention_mask_2=text.mask_2.to(x.device),
+        image_embeds=image_embeds, return_dict=False)[0].float()   # float32 island for the SDE maths
+    if not guided:
+        return v
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)   # diffusers' CFG; guidance_rescale = 0 by default
+
+
+@torch.no_grad()
+def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (N, C, F', H', W') -> frames (N, F, 3, H, W) float32 in [0, 1], one sample at a time
+    (the VAE's mid-block attention breaks for batch > 1, diffusers PR #13133). For long 480p+ clips,
+    `backbone.vae.enable_tiling()` bounds memory as the diffusers example does."""
+    vae = backbone.vae
+    videos = []
+    for z in latents.split(1):
+        z = z.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        video = vae.decode(z, return_dict=False)[0]   # (1, 3, F, H, W) in about [-1, 1]
+        videos.append((video.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(videos).permute(0, 2, 1, 3, 4)
+
+
+def add_lora(transformer, rank: int = 32, alpha: int = 64) -> list[nn.Parameter]:
+    """Freezes the transformer and adds gaussian-init LoRA (B = 0, so the policy starts unchanged) to the
+    DiT blocks' attention projections only. Returns the trainable parameters, in float32 (Deviation 5)."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params

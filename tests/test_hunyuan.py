@@ -1,0 +1,266 @@
+"""Tests for hunyuan.py on the tiny backbone (CPU, about 10 s). The oracles are independent of the code
+under test: the denoiser call written out as HunyuanVideo15Pipeline makes it (729 image tokens, two
+separate calls for CFG), the pipeline's own prompt-encoding functions, and per-sample VAE calls."""
+import inspect
+import re
+import time
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
+
+import hunyuan
+
+PROMPTS = ["a red ball rolls on grass", 'a sign that says "OPEN", then “24h”, then "OPEN" again']
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return hunyuan.load_backbone("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache(backbone):
+    return hunyuan.PromptCache(backbone)
+
+
+def pipeline_forward(transformer, x, sigma, text):
+    """One denoiser call exactly as the pipeline's t2v loop makes it (float sigma, 729 image tokens)."""
+    N = x.shape[0]
+    latent_model_input = torch.cat([x, torch.zeros_like(x), torch.zeros(N, 1, *x.shape[2:])], dim=1)
+    return transformer(
+        hidden_states=latent_model_input, timestep=torch.full((N,), 1000.0 * sigma),
+        encoder_hidden_states=text.embeds, encoder_attention_mask=text.mask,
+        encoder_hidden_states_2=text.embeds_2, encoder_attention_mask_2=text.mask_2,
+        image_embeds=torch.zeros(N, 729, transformer.config.image_embed_dim), return_dict=False)[0]
+
+
+def test_tiny_is_deterministic_in_seed_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    a = hunyuan.load_backbone("tiny", seed=7)
+    assert torch.equal(torch.rand(3), expected_draw)   # fork_rng: the caller's stream did not move
+    b, c = hunyuan.load_backbone("tiny", seed=7), hunyuan.load_backbone("tiny", seed=8)
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        pa, pb, pc = (dict(getattr(m, part).named_parameters()) for m in (a, b, c))
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), part
+        assert any(not torch.equal(pa[k], pc[k]) for k in pa), part
+
+
+def test_text_constants_match_the_pipeline():
+    mllm = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
+    byt5 = inspect.signature(HunyuanVideo15Pipeline._get_byt5_prompt_embeds).parameters
+    assert hunyuan.HUNYUAN_CROP_START == mllm["crop_start"].default
+    assert hunyuan.HUNYUAN_MAX_LENGTH == mllm["tokenizer_max_length"].default
+    assert hunyuan.HUNYUAN_MAX_LENGTH_2 == byt5["tokenizer_max_length"].default
+    assert hunyuan.QWEN_LAYER == -(mllm["num_hidden_layers_to_skip"].default + 1)
+
+
+def test_crop_removes_exactly_the_system_prompt(backbone):
+    ids = backbone.tokenizer.apply_chat_template(hunyuan._chat(["a cat"], backbone.system_message),
+                                                 add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = ids["input_ids"][0]
+    assert backbone.tokenizer.decode(ids[backbone.crop_start:]).startswith("a cat<|im_end|>")
+    assert backbone.tokenizer.decode(ids[:backbone.crop_start]).endswith("<|im_start|>user\n")
+
+
+def test_glyph_text_matches_the_pipeline():
+    for prompt in PROMPTS + ["", 'one "word"', 'unclosed "quote', '"a" "a"', "“x” and “y”"]:
+        assert hunyuan._glyph_text(prompt) == extract_glyph_texts(prompt), prompt
+
+
+def test_prompt_embeddings_match_the_pipeline_functions(backbone, cache):
+    ours = cache(PROMPTS + [""])
+    embeds, mask = HunyuanVideo15Pipeline._get_mllm_prompt_embeds(
+        text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, prompt=PROMPTS + [""], device="cpu",
+        tokenizer_max_length=backbone.max_length, system_message=backbone.system_message,
+        crop_start=backbone.crop_start)
+    embeds_2, mask_2 = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(
+        tokenizer=backbone.tokenizer_2, text_encoder=backbone.text_encoder_2, prompt=PROMPTS + [""], device="cpu",
+        tokenizer_max_length=backbone.max_length_2)
+    torch.testing.assert_close(ours.embeds, embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.embeds_2, embeds_2, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours.mask, mask) and torch.equal(ours.mask_2, mask_2)
+    assert ours.mask_2[0].sum() == 0 and ours.mask_2[1].sum() > 0   # ByT5 only sees quoted text
+    # The negative prompt is the pipeline's default: the empty string, repeated.
+    negative = cache.negative(3)
+    assert len(negative) == 3
+    torch.testing.assert_close(negative.embeds, embeds[2:3].expand(3, -1, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_cache_encodes_each_distinct_prompt_once(backbone):
+    rows_encoded = []
+    hook = backbone.text_encoder.register_forward_hook(
+        lambda module, args, kwargs, out: rows_encoded.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        cache = hunyuan.PromptCache(backbone)
+        first = cache(["a", "b", "a"])
+        second = cache(["b", "c"])
+        cache.negative(4)
+    finally:
+        hook.remove()
+    assert sum(rows_encoded) == 4   # a, b, c and the empty negative prompt, each once
+    assert torch.equal(first.embeds[0], first.embeds[2]) and torch.equal(first.embeds[1], second.embeds[0])
+    # repeat_interleave: prompt i fills rows i*G .. (i+1)*G - 1.
+    G = 3
+    grouped = second.repeat_interleave(G)
+    for i in range(2):
+        for j in range(G):
+            assert torch.equal(grouped.embeds[i * G + j], second.embeds[i])
+            assert torch.equal(grouped.mask_2[i * G + j], second.mask_2[i])
+    picked = grouped.index(torch.tensor([5, 0]))
+    assert torch.equal(picked.embeds, torch.stack([second.embeds[1], second.embeds[0]]))
+
+
+def test_velocity_is_cfg_of_two_plain_pipeline_calls(backbone, cache):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8)
+    cond, uncond, sigma, g = cache(PROMPTS), cache.negative(2), 0.73, 4.5
+    with torch.no_grad():
+        v_cond = pipeline_forward(backbone.transformer, x, sigma, cond)
+        v_uncond = pipeline_forward(backbone.transformer, x, sigma, uncond)
+        v = hunyuan.velocity(backbone.transformer, x, sigma, cond, uncond, g)
+        v_plain = hunyuan.velocity(backbone.transformer, x, sigma, cond, uncond, 1.0)
+        v_no_uncond = hunyuan.velocity(backbone.transformer, x, sigma, cond, None, g)
+    assert v.dtype == torch.float32 and v.shape == x.shape
+    assert (v_cond - v_uncond).abs().max() > 1e-3   # the prompt matters, so the check below has teeth
+    torch.testing.assert_close(v, v_uncond + g * (v_cond - v_uncond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_plain, v_cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_no_uncond, v_cond, atol=1e-5, rtol=1e-5)
+
+
+def test_velocity_with_per_sample_sigma_equals_per_sample_calls(backbone, cache):
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 3, 8, 8)
+    cond, uncond, sigmas = cache(PROMPTS), cache.negative(2), [0.95, 0.2]
+    with torch.no_grad():
+        v = hunyuan.velocity(backbone.transformer, x, torch.tensor(sigmas), cond, uncond, 6.0)
+        singles = [hunyuan.velocity(backbone.transformer, x[i:i + 1], s, cond[i:i + 1], uncond[i:i + 1], 6.0)
+                   for i, s in enumerate(sigmas)]
+    assert (singles[0] - singles[1]).abs().max() > 1e-3
+    torch.testing.assert_close(v, torch.cat(singles), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_transformer_gives_float32_velocity_and_float32_lora(backbone, cache):
+    tiny_bf16 = hunyuan.load_backbone("tiny", seed=0, dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 3, 8, 8)
+    cond, uncond = cache(PROMPTS), cache.negative(2)
+    with torch.no_grad():
+        v16 = hunyuan.velocity(tiny_bf16.transformer, x, 0.5, cond, uncond, 3.0)
+        v32 = hunyuan.velocity(backbone.transformer, x, 0.5, cond, uncond, 3.0)
+    assert v16.dtype == torch.float32
+    assert (v16 - v32).norm() / v32.norm() < 0.05   # bf16 rounding only (8 mantissa bits)
+    # LoRA on the bf16 transformer trains in float32 and still starts at the pretrained policy.
+    params = hunyuan.add_lora(tiny_bf16.transformer, rank=4, alpha=8)
+    assert params and all(p.dtype == torch.float32 for p in params)
+    v = hunyuan.velocity(tiny_bf16.transformer, x, 0.5, cond, uncond, 3.0)
+    torch.testing.assert_close(v, v16)
+    v.square().mean().backward()
+    assert any(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_decode_batch_equals_per_sample_vae_and_is_in_unit_range(backbone):
+    torch.manual_seed(3)
+    z = torch.randn(2, 4, 3, 4, 6)
+    frames = hunyuan.decode(backbone, z)
+    assert frames.shape == (2, 5, 3, 16, 24) and frames.dtype == torch.float32
+    assert frames.min() >= 0 and frames.max() <= 1 and frames.std() > 0
+    vae = backbone.vae
+    with torch.no_grad():
+        for i in range(2):
+            video = vae.decode(z[i:i + 1] / vae.config.scaling_factor, return_dict=False)[0]   # (1, 3, F, H, W)
+            expected = (video * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 0, 2, 3)
+            torch.testing.assert_close(frames[i], expected)
+
+
+def test_latent_shape_matches_vae_encode(backbone):
+    clip = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    with torch.no_grad():
+        latent = backbone.vae.encode(clip).latent_dist.mode()
+    assert tuple(latent.shape[1:]) == hunyuan.latent_shape(backbone, 9, 16, 24) == (4, 5, 4, 6)
+
+
+def test_latent_shape_rejects_bad_sizes_with_valid_values(backbone):
+    real = SimpleNamespace(temporal_factor=4, spatial_factor=16, latent_channels=32,
+                           transformer=SimpleNamespace(config=SimpleNamespace(patch_size=1)))
+    assert hunyuan.latent_shape(real, 121, 480, 848) == (32, 31, 30, 53)
+    with pytest.raises(ValueError, match=re.escape("num_frames must be 4k+1 (e.g. 33, 81, 121); got 32")):
+        hunyuan.latent_shape(real, 32, 480, 848)
+    with pytest.raises(ValueError, match="multiples of 16.*got 480x850"):
+        hunyuan.latent_shape(real, 33, 480, 850)
+    with pytest.raises(ValueError, match=re.escape("2k+1")):
+        hunyuan.latent_shape(backbone, 8, 16, 16)
+    with pytest.raises(ValueError, match="multiples of 4.*got 18x16"):
+        hunyuan.latent_shape(backbone, 9, 18, 16)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(ValueError, match="hunyuan15.*tiny"):
+        hunyuan.load_backbone("nope")
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "empty_dir", "hub_id"])
+def test_missing_weights_fail_fast_with_download_hint(where, tmp_path, monkeypatch):
+    # An empty cache, so the hub id cannot be found even on a machine that has the weights.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    pretrained = {"missing_dir": str(tmp_path / "nope"), "empty_dir": str(tmp_path),
+                  "hub_id": hunyuan.DEFAULT_PRETRAINED}[where]
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError) as err:
+        hunyuan.load_backbone("hunyuan15", pretrained=pretrained)
+    assert time.perf_counter() - start < 5.0
+    message = str(err.value)
+    assert f"hf download {hunyuan.DEFAULT_PRETRAINED} --local-dir" in message and "--pretrained" in message
+    assert err.value.__cause__ is None   # no chained 50-line traceback
+
+
+def test_hunyuan15_loads_every_part_from_a_diffusers_layout_folder(backbone, tmp_path):
+    # The tiny parts saved in the hub's folder layout stand in for the real 35 GB checkpoint.
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        getattr(backbone, sub).save_pretrained(tmp_path / sub)
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(tmp_path / "scheduler")
+    loaded = hunyuan.load_backbone("hunyuan15", pretrained=str(tmp_path))
+    assert (loaded.shift, loaded.spatial_factor, loaded.temporal_factor, loaded.latent_channels) == (5.0, 4, 2, 4)
+    assert loaded.crop_start == 108 and loaded.max_length == 1000 and "Describe the video" in loaded.system_message
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = dict(getattr(loaded, sub).state_dict()), dict(getattr(backbone, sub).state_dict())
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), sub
+    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
+    ids = [backbone.tokenizer("a “b”").input_ids, loaded.tokenizer("a “b”").input_ids]
+    assert ids[0] == ids[1]
+
+
+def test_lora_only_on_dit_attention_and_gets_gradients_through_velocity(cache):
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 3, 8, 8)
+    cond, uncond = cache(PROMPTS), cache.negative(2)
+    with torch.no_grad():
+        v_before = hunyuan.velocity(tiny.transformer, x, 0.6, cond, uncond, 5.0)
+    params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
+    trainable = {n: p for n, p in tiny.transformer.named_parameters() if p.requires_grad}
+    assert {id(p) for p in params} == {id(p) for p in trainable.values()}
+    projections = "to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
+    pattern = rf"transformer_blocks\.\d+\.attn\.({projections})\.lora_[AB]\.default\.weight"
+    assert all(re.fullmatch(pattern, n) for n in trainable)
+    num_layers = tiny.transformer.config.num_layers
+    assert len(trainable) == num_layers * 8 * 2                   # 8 projections x (A, B) per block
+    assert not any("context_embedder" in n for n in trainable)   # the token refiner has no LoRA
+    assert all(p.dtype == torch.float32 for p in params)
+
+    v = hunyuan.velocity(tiny.transformer, x, 0.6, cond, uncond, 5.0)
+    torch.testing.assert_close(v, v_before)   # gaussian init has B = 0: the policy starts unchanged
+    v.square().mean().backward()
+    # The last block's text tokens are discarded, so its text queries and text output projection get no
+    # gradient; every other lora_B does (lora_A gets none on this first step because B = 0).
+    last = f"transformer_blocks.{num_layers - 1}.attn."
+    dead = (last + "add_q_proj.", last + "to_add_out.")
+    for name, p in trainable.items():
+        if ".lora_B." in name:
+            reached = p.grad is not None and p.grad.abs().sum() > 0
+            assert reached != name.startswith(dead), name
