@@ -220,6 +220,16 @@ class Trajectory:
     def is_stochastic(self) -> torch.Tensor:
         return self.std > 0  # (K,)
 
+    def rows(self, idx) -> "Trajectory":
+        """The trajectories of samples idx (a slice or index tensor): a micro-batch."""
+        return Trajectory(self.latents[idx], self.mu[idx], self.std, self.logp[idx], self.sigmas)
+
+    @staticmethod
+    def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
+        """Micro-batch rollouts joined along the sample dim (they share the schedule)."""
+        return Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.mu for p in parts]), parts[0].std,
+                          torch.cat([p.logp for p in parts]), parts[0].sigmas)
+
     def at(self, t: torch.Tensor):
         """Sample i's stored step t[i]: (x_t, x_next, sigma, sigma_next, mu_old, logp_old), each (N, ...)."""
         rows = torch.arange(len(t), device=t.device)

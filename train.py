@@ -1,0 +1,520 @@
+"""GRPO post-training of HunyuanVideo-1.5 text-to-video with the SAGE SDE, the equalizer, the dual trust
+region and the self-paced reward curriculum, on any number of GPUs through Accelerate.
+
+    accelerate launch train.py --backbone hunyuan15 --pretrained <dir> \
+        --reward videoalign --reward_model <VideoReward dir> --reward_prompt_template <rubric.txt>
+    accelerate launch --config_file configs/fsdp2_full.yaml train.py --backbone hunyuan15 --full ...
+    python train.py --backbone tiny --max_steps 20            # CPU, seconds: the same code on tiny models
+
+Each iteration runs five phases (SPEC §4), each a few calls into the concept modules:
+    1. sample     B/P prompts x G videos per process, K SDE steps with log-probs        sde.rollout
+    2. reward     decode, score three components, mix them with the curriculum        rewards, curriculum
+    3. advantage  normalise within each prompt's group of G (groups never straddle processes)     grpo
+    4. update     every stochastic step of every sample, equalized clipped loss + dual KL  grpo, trust_region
+    5. log        metrics.jsonl, metrics.png, validation videos, checkpoints
+Lines that exist only for distributed training are tagged `# [dist]`; deleting them leaves correct
+single-process code. The model plumbing (loading, text encoding, CFG, decoding) is in hunyuan.py.
+
+Deviations / choices
+--------------------
+1. `--batch_size` counts videos per process per step and must be a multiple of `--group_size`, so a
+   group is always on one process and advantages need no gather ([dist] gathers are for the curriculum
+   and the logs only).
+2. Rollout noise is drawn from one generator per sample, seeded by (seed, step, global sample index):
+   samples do not depend on the number of processes or on micro-batching, and resuming replays them.
+3. One rollout batch feeds `--updates_per_rollout` optimizer steps (default 1, fully on-policy); the
+   trained steps of each sample are split between them.
+4. A step whose gradient norm is not finite is reported and skipped (gradients zeroed, no optimizer step
+   and no anchor tick); three in a row stop the run with advice.
+5. LoRA checkpoints hold the adapter only (safetensors), not the 8.3 B frozen weights; the moving
+   anchor is saved per process, because with FSDP each process holds its own shard of it.
+6. Validation samples use the ODE (eta = 0) on fixed prompts and seeds; the base policy's scores on the
+   same prompts and seeds are measured once before training and stored with the checkpoints.
+7. The reward of a validation video uses the raw components with equal weights (`val/total`), so it is
+   comparable across curriculum stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+import curriculum
+import grpo
+import hunyuan
+import rewards
+import sde
+import trust_region
+
+
+@dataclass
+class Config:
+    # model
+    backbone: str = field(default="hunyuan15", metadata={"help": f"one of {hunyuan.BACKBONES}; 'tiny' runs on CPU"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "Diffusers folder or cached hub id (default: 480p t2v)"})
+    full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA ([SAGE] trains all weights)"})
+    lora_rank: int = field(default=32, metadata={"help": "[FlowGRPO] r = 32"})
+    lora_alpha: int = field(default=64, metadata={"help": "[FlowGRPO] alpha = 64"})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={"help": "default: on for hunyuan15"})
+    # data
+    prompts: Optional[str] = field(default=None, metadata={"help": "text file, one prompt per line (default: built-in list)"})
+    validation_prompts: Optional[str] = field(default=None, metadata={"help": "text file (default: built-in list)"})
+    num_frames: Optional[int] = field(default=None, metadata={"help": "4k+1; [SAGE] 81 (tiny: 5)"})
+    height: Optional[int] = field(default=None, metadata={"help": "[SAGE] 352 (tiny: 32)"})
+    width: Optional[int] = field(default=None, metadata={"help": "[SAGE] 624 (tiny: 32)"})
+    fps: Optional[int] = field(default=None, metadata={"help": "frame rate of saved and scored videos (24; tiny 8)"})
+    # sampling (SPEC §2)
+    sde: str = field(default="sage", metadata={"help": f"one of {sde.KINDS[1:]}"})
+    eta: float = field(default=0.5, metadata={"help": "[SAGE] 0.5; [FlowGRPO] 0.7; [CPS] 0.8; [Dance] 0.25"})
+    num_steps: Optional[int] = field(default=None, metadata={"help": "K; [SAGE] 20 (tiny: 4)"})
+    shift: Optional[float] = field(default=None, metadata={"help": "SD3 shift; default from the scheduler config (5 at 480p)"})
+    guidance: float = field(default=6.0, metadata={"help": "CFG scale of the policy velocity ([SAGE] 6)"})
+    # objective (SPEC §3-5)
+    group_size: int = field(default=4, metadata={"help": "G; [SAGE] 4"})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "videos per process per step, a multiple of G (default G)"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={"help": "videos per forward (default 1; tiny: batch)"})
+    equalizer: bool = field(default=True, metadata={"help": "[SAGE] gradient norm equalizer"})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of steps trained; [SAGE] 1.0, [Dance] 0.6"})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip on the mean-reduced ratio ([FlowGRPO] 1e-4)"})
+    adv_clip: float = field(default=5.0, metadata={"help": "advantage clip ([FlowGRPO] 5)"})
+    anchor_every: int = field(default=10, metadata={"help": "moving-anchor period in updates; 0 = fixed reference"})
+    beta_pos: float = field(default=1.0, metadata={"help": "position KL weight ([SAGE] 1.0)"})
+    beta_vel: float = field(default=0.1, metadata={"help": "step-wise KL weight ([SAGE] 0.1)"})
+    kl_start: float = field(default=1e-7, metadata={"help": "lambda_KL stage 1 ([SAGE])"})
+    kl_end: float = field(default=1e-5, metadata={"help": "lambda_KL stage 2 ([SAGE])"})
+    kl_ramp_steps: int = field(default=100, metadata={"help": "updates over which lambda_KL ramps"})
+    updates_per_rollout: int = field(default=1, metadata={"help": "optimizer steps fed by one rollout batch"})
+    # reward (SPEC §6)
+    reward: Optional[str] = field(default=None, metadata={"help": "'videoalign' (hunyuan15 default) or 'proxy' (tiny default)"})
+    reward_model: Optional[str] = field(default=None, metadata={"help": "VideoReward folder or hub id; 'tiny' = random tiny model"})
+    reward_prompt_template: Optional[str] = field(default=None, metadata={"help": "VideoAlign rubric text file"})
+    reward_batch_size: int = field(default=2, metadata={"help": "videos per reward-model call"})
+    curriculum: str = field(default="self_paced", metadata={"help": f"one of {tuple(curriculum.CURRICULA)}"})
+    curriculum_tau: str = field(default="0.70,0.68", metadata={"help": "[SPG] thresholds for HunyuanVideo"})
+    curriculum_k: float = field(default=20.0, metadata={"help": "gate steepness (choice, SPEC §6)"})
+    curriculum_beta: float = field(default=0.3, metadata={"help": "[SPG] Hoyer weight beta"})
+    static_weights: str = field(default="0.5,0.5,1.0", metadata={"help": "static curriculum: [SAGE] Setting B"})
+    # optimisation
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "default 3e-4 LoRA ([FlowGRPO]), 1e-5 full ([SAGE])"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay ([FlowGRPO])"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "[SAGE] 1.0"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    seed: int = field(default=0, metadata={"help": "everything random derives from it"})
+    # outputs
+    output_dir: str = field(default="outputs/grpo", metadata={"help": "checkpoints, metrics, samples"})
+    checkpointing_steps: int = field(default=50, metadata={"help": "save every N steps (0 = only at the end)"})
+    checkpoints_total_limit: int = field(default=3, metadata={"help": "keep this many checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
+    validation_steps: int = field(default=25, metadata={"help": "ODE samples of the validation prompts every N steps"})
+    profile: bool = field(default=False, metadata={"help": "print a per-phase time / model-call table (README)"})
+
+
+PRESETS = {  # backbone defaults for the fields left at None
+    "hunyuan15": dict(num_frames=81, height=352, width=624, fps=24, num_steps=20, micro_batch_size=1,
+                      reward="videoalign", gradient_checkpointing=True),
+    "tiny": dict(num_frames=5, height=32, width=32, fps=8, num_steps=4, micro_batch_size=None, reward="proxy",
+                 gradient_checkpointing=False),
+}
+TRAIN_PROMPTS = ["a red ball bouncing on green grass", "a blue car driving through a city at night",
+                 "a yellow kite flying over the beach", "a white swan gliding on a dark lake",
+                 "a purple balloon rising into the sky", "an orange cat walking along a fence",
+                 "a green parrot flapping its wings", "a black horse galloping across a field"]
+VALIDATION_PROMPTS = ["a red fox running through snow", "a blue whale swimming under the ocean surface"]
+
+
+def read_prompts(path: Optional[str], default: list[str]) -> list[str]:
+    if path is None:
+        return default
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist (one prompt per line)")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} holds no prompts (one prompt per line)")
+    return prompts
+
+
+def resolve(cfg: Config, num_processes: int) -> Config:
+    """Fill backbone presets and check every option before any model is loaded (fail in seconds)."""
+    if cfg.backbone not in hunyuan.BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {hunyuan.BACKBONES}")
+    for key, value in PRESETS[cfg.backbone].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.sde not in sde.KINDS[1:]:
+        raise ValueError(f"unknown SDE kind {cfg.sde!r}; choose one of {sde.KINDS[1:]}")
+    if cfg.curriculum not in curriculum.CURRICULA:
+        raise ValueError(f"unknown curriculum {cfg.curriculum!r}; choose one of {tuple(curriculum.CURRICULA)}")
+    cfg.batch_size = cfg.batch_size or cfg.group_size
+    if cfg.group_size < 2 or cfg.batch_size % cfg.group_size:
+        raise ValueError(f"--batch_size {cfg.batch_size} (videos per process) must be a multiple of --group_size "
+                         f"{cfg.group_size} >= 2, so that every prompt's group stays on one process")
+    cfg.micro_batch_size = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ValueError(f"--micro_batch_size {cfg.micro_batch_size} must divide --batch_size {cfg.batch_size}")
+    if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
+        raise FileNotFoundError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder")
+    if cfg.learning_rate is None:
+        cfg.learning_rate = 1e-5 if cfg.full else 3e-4
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers that only wire things (the maths lives in the concept modules)
+
+
+def derive_seed(*parts) -> int:
+    """A stable 62-bit seed from a tuple of ints/strings (Python's hash() of a str changes per process)."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def rollout_generators(seed: int, step: int, first_index: int, n: int, device) -> list[torch.Generator]:
+    """One generator per sample from (seed, step, global sample index): Deviations 2."""
+    return [torch.Generator(device).manual_seed(derive_seed(seed, step, first_index + i)) for i in range(n)]
+
+
+def save_videos(videos: torch.Tensor, paths: list[str], fps: int) -> None:
+    """GIFs always; MP4 too when imageio-ffmpeg is installed."""
+    import imageio.v3 as iio  # lazy: only the main process writes videos
+
+    for video, path in zip(videos, paths):
+        frames = (video.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()  # (F, H, W, 3)
+        iio.imwrite(path + ".gif", frames, extension=".gif", duration=1000 / fps, loop=0)
+        try:
+            iio.imwrite(path + ".mp4", frames, extension=".mp4", fps=fps)
+        except Exception:  # no video writer installed: the GIF is enough
+            pass
+
+
+def plot_metrics(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward", ["reward/mixed", "reward/visual", "reward/temporal", "reward/semantic"]),
+              ("KL", ["kl/pos", "kl/vel", "train/approx_kl"]), ("grad norm", ["train/grad_norm"]),
+              ("curriculum weights", ["curriculum/w_visual", "curriculum/w_temporal", "curriculum/w_semantic"]),
+              ("validation (ODE) vs base", ["val/total", "val/base_total"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key.split("/")[-1], marker="." if title.startswith("val") else None)
+        ax.set_title(title), ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(path, dpi=80), plt.close(fig)
+
+
+class PhaseTimer:
+    """Wall time per phase; with `profile`, also time inside and number of transformer calls (forward
+    hooks) and a device sync at every boundary so GPU time lands in the right phase. Without `profile`
+    it adds no hooks and no syncs."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, profile: bool):
+        self.device, self.profile, self.wall, self.model_time, self.calls = device, profile, {}, {}, {}
+        self.phase, self._t = None, 0.0
+        if profile:
+            model.register_forward_pre_hook(self._pre)
+            model.register_forward_hook(self._post)
+
+    def _sync(self):
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _pre(self, *_):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self._sync()
+        self.model_time[self.phase] = self.model_time.get(self.phase, 0.0) + time.perf_counter() - self._t
+        self.calls[self.phase] = self.calls.get(self.phase, 0) + 1
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                timer._sync()
+                timer.phase, self.t = phase, time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer._sync()
+                timer.wall[phase] = timer.wall.get(phase, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> list[dict]:
+    # ---- setup ------------------------------------------------------------------------------------
+    accelerator = Accelerator()  # [dist] reads `accelerate config` / launch flags (mixed precision, FSDP...)
+    cfg = resolve(cfg, accelerator.num_processes)
+    set_seed(cfg.seed)  # model init of the tiny backbone and LoRA; rollouts use their own generators
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    if weight_dtype == torch.float16:
+        raise ValueError("fp16 gives NaN log-probs in the reference setups (SPEC §8); use --mixed_precision bf16")
+    train_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS)
+    val_prompts = read_prompts(cfg.validation_prompts, VALIDATION_PROMPTS)
+    backbone = hunyuan.load_backbone(cfg.backbone, cfg.pretrained, device=device, dtype=weight_dtype, seed=cfg.seed)
+    latent = hunyuan.latent_shape(backbone, cfg.num_frames, cfg.height, cfg.width)  # (C, F', H', W')
+    shift = cfg.shift if cfg.shift is not None else backbone.shift
+    sigmas = sde.sigma_schedule(cfg.num_steps, shift)  # (K+1,)
+    stochastic = sde.step_variances(sigmas, cfg.sde, cfg.eta) > 0  # (K,) validates the schedule too
+    S = sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()  # (K,)
+
+    text = hunyuan.PromptCache(backbone)  # every prompt encoded once; then the encoders leave the GPU
+    text(train_prompts + val_prompts)
+    negative = text.negative(1)
+    text.offload_encoders()
+
+    model = backbone.transformer
+    params = hunyuan.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)  # [dist]
+    params = [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP replaces the tensors
+    anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
+    tau = tuple(float(x) for x in cfg.curriculum_tau.split(","))
+    cur = {"self_paced": lambda: curriculum.SelfPacedCurriculum(tau=tau, k=cfg.curriculum_k, beta=cfg.curriculum_beta),
+           "taros": lambda: curriculum.TarosCurriculum(tau=tau, beta=cfg.curriculum_beta, k=cfg.curriculum_k),
+           "static": lambda: curriculum.StaticCurriculum([float(x) for x in cfg.static_weights.split(",")])}[cfg.curriculum]()
+    scorer = (rewards.build_reward("proxy") if cfg.reward == "proxy" else rewards.build_reward(
+        "videoalign", path=cfg.reward_model or "KwaiVGI/VideoReward", prompt_template_file=cfg.reward_prompt_template,
+        device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32, batch_size=cfg.reward_batch_size))
+    timer = PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
+    if not cfg.full:  # [dist] Deviations 5: accelerate saves optimizer and RNG, the adapter is saved by us
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+
+    def velocity_fn(embeds):  # the policy velocity for one micro-batch of prompts (CFG inside)
+        return lambda x, sigma: hunyuan.velocity(model, x, sigma, embeds, negative.repeat_interleave(len(embeds)), cfg.guidance)
+
+    def sample_videos(prompts: list[str], x_T, gens, kind, eta) -> sde.Trajectory:  # micro-batched rollout
+        embeds, mb = text(prompts), cfg.micro_batch_size
+        return sde.Trajectory.cat([
+            sde.rollout(velocity_fn(embeds[i : i + mb]), x_T[i : i + mb], sigmas, kind, eta, gens[i : i + mb])
+            for i in range(0, len(prompts), mb)])
+
+    def score(videos, prompts) -> torch.Tensor:  # (n, 3) components in [0, 1]
+        return rewards.score_batched(scorer, videos, prompts, cfg.fps, cfg.reward_batch_size).to(device)
+
+    def validate(tag: str) -> dict:  # ODE samples of the validation prompts, same noise every time
+        n = len(val_prompts)
+        x_T = torch.randn((n, *latent), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
+        with torch.no_grad():
+            traj = sample_videos(val_prompts, x_T, rollout_generators(cfg.seed, -1, 0, n, device), "ode", 0.0)
+            videos = hunyuan.decode(backbone, traj.latents[:, -1])
+        s = score(videos, val_prompts)
+        if accelerator.is_main_process:  # [dist]
+            os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
+            save_videos(videos, [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in range(n)], cfg.fps)
+        return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
+
+    # ---- resume -----------------------------------------------------------------------------------
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    os.makedirs(ckpt_root, exist_ok=True)
+    start_step, state = 0, {}
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        found = sorted((int(d.split("-")[1]), d) for d in os.listdir(ckpt_root) if d.startswith("checkpoint-"))
+        resume = os.path.join(ckpt_root, found[-1][1]) if found else None
+    if resume:
+        state = load_checkpoint(resume, accelerator, model, cfg, anchor, cur)
+        start_step = state["step"]
+    base_val = state.get("base_val") or validate("base")  # Deviations 6: measured once, before any update
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    history = []
+    if accelerator.is_main_process:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+        if os.path.exists(metrics_path):  # keep the rows up to the resumed step, drop any after it
+            with open(metrics_path) as f:
+                history = [r for r in map(json.loads, f) if r["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in history)
+
+    # ---- loop -------------------------------------------------------------------------------------
+    N = cfg.batch_size  # videos on this process
+    skipped_in_a_row = 0
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+               disable=not accelerator.is_local_main_process, desc="GRPO")  # [dist]
+    for step in bar:
+        t_step = time.perf_counter()
+        timer.wall, timer.model_time, timer.calls = {}, {}, {}
+        model.eval()  # no dropout anywhere, but be explicit: rollout and training forwards must agree
+
+        # 1. sample: this process's prompts (whole groups), one noise stream per sample
+        with timer("rollout"):
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, step, "prompts"))
+            order = torch.randint(len(train_prompts), (N // cfg.group_size * world,), generator=g)
+            local = order.view(world, -1)[rank].tolist()  # [dist] this process's share of the prompts
+            prompts = [train_prompts[i] for i in local for _ in range(cfg.group_size)]  # (N,) groups consecutive
+            gens = rollout_generators(cfg.seed, step, rank * N, N, device)
+            x_T = torch.stack([torch.randn(latent, generator=gen, device=gen.device) for gen in gens]).to(device)
+            traj = sample_videos(prompts, x_T, gens, cfg.sde, cfg.eta)
+
+        # 2. reward: decode, score three components, mix them with the curriculum
+        with timer("decode"):
+            videos = hunyuan.decode(backbone, traj.latents[:, -1])  # (N, F, 3, H, W)
+        with timer("reward"):
+            scores = score(videos, prompts)  # (N, 3)
+            all_scores = accelerator.gather(scores)  # [dist] curriculum state must agree on every process
+            cur.update(all_scores.nanmean(0))  # competence includes this batch, then the weights follow
+            mixed, cstats = cur.reward(scores, cfg.group_size)  # (N,)
+
+        # 3. advantage within each group (all on this process: Deviations 1)
+        A = grpo.group_advantages(mixed, cfg.group_size, clip=cfg.adv_clip)  # (N,)
+
+        # 4. update: every trained step of every sample; anchor means first, at rollout time
+        steps = grpo.select_timesteps(N, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
+            derive_seed(cfg.seed, step, rank, "timesteps"))).to(device)  # (N, K_train)
+        micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
+        embeds = text(prompts)
+        with timer("anchor"):
+            mu_anchor = {}
+            if cfg.beta_pos > 0 and not anchor.is_current:  # right after a refresh the anchor IS mu_old
+                with torch.no_grad(), anchor.swapped_in():
+                    for j in range(steps.shape[1]):
+                        mu_anchor[j] = torch.cat([sde.policy_step(velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j],
+                                                                  cfg.sde, cfg.eta)[0] for mb in micro])
+        lam = trust_region.kl_coefficient(anchor.num_updates, cfg.kl_start, cfg.kl_end, cfg.kl_ramp_steps)
+        stats, grad_norms = [], []
+        with timer("train"):
+            model.train()
+            for cols in torch.arange(steps.shape[1]).chunk(cfg.updates_per_rollout):  # Deviations 3
+                work = [(j, mb) for j in cols.tolist() for mb in micro]
+                for k, (j, mb) in enumerate(work):
+                    sync = k == len(work) - 1
+                    with nullcontext() if sync else accelerator.no_sync(model):  # [dist] one all-reduce per update
+                        # No extra autocast: `prepare` already wraps the forward for rollout and training alike,
+                        # and any difference between the two paths would break ratio = 1 (SPEC §8).
+                        loss, st = grpo.trained_step_loss(
+                            velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j], A[mb], cfg.sde, cfg.eta, S,
+                            mu_anchor[j][mb] if j in mu_anchor else None, lam, cfg.beta_pos, cfg.beta_vel,
+                            cfg.clip_range)
+                        accelerator.backward(loss / len(work))  # [dist] mean over the trained (i, t) pairs
+                    stats.append(st)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # [dist]
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    anchor.step()
+                    skipped_in_a_row = 0
+                else:  # Deviations 4
+                    warnings.warn(f"step {step}: non-finite gradient norm; update skipped")
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= 3:
+                        raise FloatingPointError("three updates in a row had non-finite gradients: lower "
+                                                 "--learning_rate, check the reward scores, use bf16 not fp16")
+                optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(float(grad_norm))
+
+        # 5. log, validate, checkpoint
+        with timer("log"):
+            row = {"step": step + 1, "lr": cfg.learning_rate, "lambda_kl": lam, "anchor/refreshes": anchor.num_refreshes}
+            comp = all_scores.nanmean(0)
+            row.update({f"reward/{c}": comp[j].item() for j, c in enumerate(rewards.COMPONENTS)})
+            row["reward/mixed"] = accelerator.gather(mixed).nanmean().item()  # [dist]
+            row["adv/abs_mean"] = accelerator.gather(A).abs().mean().item()  # [dist]
+            mean_st = {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), "mean").item()  # [dist]
+                       for k in stats[0]}
+            row.update({"train/ratio_mean": mean_st["ratio_mean"], "train/first_ratio_dev": stats[0]["ratio_dev_max"].item(),
+                        "train/clipfrac_high": mean_st["clipfrac_high"], "train/clipfrac_low": mean_st["clipfrac_low"],
+                        "train/approx_kl": mean_st["approx_kl"], "train/policy_loss": mean_st["policy_loss"],
+                        "kl/pos": mean_st["kl_pos"], "kl/vel": mean_st["kl_vel"], "train/grad_norm": max(grad_norms)})
+            row.update({f"curriculum/{k.replace('/', '_')}": v for k, v in cstats.items()})
+            if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
+                val = validate(f"step{step + 1:06d}")
+                row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
+            if accelerator.is_main_process:  # [dist]
+                history.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
+            bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
+        with timer("checkpoint"):
+            if (cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0) or step + 1 == cfg.max_steps:
+                save_checkpoint(os.path.join(ckpt_root, f"checkpoint-{step + 1}"), accelerator, model, cfg, anchor, cur,
+                                {"step": step + 1, "base_val": base_val})
+        if cfg.profile:
+            print_profile(timer, time.perf_counter() - t_step, accelerator, step)
+    accelerator.end_training()  # [dist]
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: accelerate's state (optimizer, RNG, full weights) + LoRA adapter + anchor + curriculum
+
+
+def save_checkpoint(path, accelerator, model, cfg, anchor, cur, state) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    accelerator.save_state(path)  # [dist] optimizer, RNG states and (full fine-tuning) sharded weights
+    if accelerator.is_main_process and not cfg.full:  # Deviations 5: the adapter is the whole model delta
+        lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, os.path.join(path, "lora.safetensors"))
+    torch.save(anchor.state_dict(), os.path.join(path, f"anchor_rank{accelerator.process_index}.pt"))  # [dist]
+    if accelerator.is_main_process:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump({**state, "curriculum": cur.state_dict()}, f)
+        root = os.path.dirname(path)  # keep the newest `checkpoints_total_limit`
+        old = sorted((int(d.split("-")[1]), d) for d in os.listdir(root) if d.startswith("checkpoint-"))
+        for _, d in old[: max(len(old) - cfg.checkpoints_total_limit, 0)]:
+            shutil.rmtree(os.path.join(root, d))
+    accelerator.wait_for_everyone()  # [dist]
+
+
+def load_checkpoint(path, accelerator, model, cfg, anchor, cur) -> dict:
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    accelerator.load_state(path)  # [dist]
+    if not cfg.full:
+        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(os.path.join(path, "lora.safetensors")))
+    anchor.load_state_dict(torch.load(os.path.join(path, f"anchor_rank{accelerator.process_index}.pt"), weights_only=True))
+    cur.load_state_dict(state["curriculum"])
+    return state
+
+
+def print_profile(timer, total, accelerator, step) -> None:
+    if not accelerator.is_main_process:
+        return
+    inside = sum(timer.model_time.values())
+    print(f"\nprofile step {step + 1}: {'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}")
+    for phase, wall in timer.wall.items():
+        m = timer.model_time.get(phase, 0.0)
+        print(f"{'':>20}{phase:<11}{wall:9.3f}{m:9.3f}{m / wall if wall else 0:7.2f}{timer.calls.get(phase, 0):7d}")
+    if torch.cuda.is_available():
+        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    else:
+        import resource
+
+        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"overhead: {100 * (1 - inside / total):.1f}% of the iteration outside model calls")
+
+
+if __name__ == "__main__":
+    (config,) = HfArgumentParser(Config).parse_args_into_dataclasses()
+    main(config)
