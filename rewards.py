@@ -110,11 +110,18 @@ def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size:
 
 
 def build_reward(name: str, **kwargs):
-    """`proxy` or `videoalign` (kwargs go to videoalign.VideoAlignReward.from_pretrained)."""
+    """`proxy` or `videoalign` (kwargs go to videoalign.VideoAlignReward.from_pretrained).
+
+    `videoalign` with path="tiny" builds the random tiny Qwen2-VL twin (videoalign.build_tiny_videoalign) on
+    the same prompt / patchify / reward-token code, with the stand-in rubric unless a template file is named;
+    it exists so `train.py --backbone tiny --reward videoalign --reward_model tiny` runs that path on CPU."""
     if name == "proxy":
         return ProxyReward(**kwargs)
     if name == "videoalign":
         import videoalign  # lazy: pulls in the Qwen2-VL stack
 
+        if kwargs.get("path") == "tiny":
+            return videoalign.build_tiny_videoalign(kwargs.get("prompt_template_file") or videoalign.STAND_IN_TEMPLATE,
+                                                    batch_size=kwargs.get("batch_size", 2)).to(kwargs.get("device", "cpu"))
         return videoalign.VideoAlignReward.from_pretrained(**kwargs)
     raise ValueError(f"unknown reward {name!r}; choose 'proxy' or 'videoalign'")

@@ -41,13 +41,13 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -62,7 +62,7 @@ import trust_region
 @dataclass
 class Config:
     # model
-    backbone: str = field(default="hunyuan15", metadata={"help": f"one of {hunyuan.BACKBONES}; 'tiny' runs on CPU"})
+    backbone: str = field(default="hunyuan15", metadata={"help": f"one of {hunyuan.BACKBONES}; 'tiny' and 'small' run on CPU"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "Diffusers folder or cached hub id (default: 480p t2v)"})
     full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA ([SAGE] trains all weights)"})
     lora_rank: int = field(default=32, metadata={"help": "[FlowGRPO] r = 32"})
@@ -124,6 +124,8 @@ class Config:
 PRESETS = {  # backbone defaults for the fields left at None
     "hunyuan15": dict(num_frames=81, height=352, width=624, fps=24, num_steps=20, micro_batch_size=1,
                       reward="videoalign", gradient_checkpointing=True),
+    "small": dict(num_frames=9, height=64, width=64, fps=8, num_steps=8, micro_batch_size=None, reward="proxy",
+                  gradient_checkpointing=False),  # latent 16 x 5 x 16 x 16: the CPU profile of the README
     "tiny": dict(num_frames=5, height=32, width=32, fps=8, num_steps=4, micro_batch_size=None, reward="proxy",
                  gradient_checkpointing=False),
 }
@@ -153,6 +155,7 @@ def resolve(cfg: Config, num_processes: int) -> Config:
     for key, value in PRESETS[cfg.backbone].items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    hunyuan.check_video_size(*hunyuan.VIDEO_FACTORS[cfg.backbone], cfg.num_frames, cfg.height, cfg.width)
     if cfg.sde not in sde.KINDS[1:]:
         raise ValueError(f"unknown SDE kind {cfg.sde!r}; choose one of {sde.KINDS[1:]}")
     if cfg.curriculum not in curriculum.CURRICULA:
@@ -164,6 +167,12 @@ def resolve(cfg: Config, num_processes: int) -> Config:
     cfg.micro_batch_size = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"--micro_batch_size {cfg.micro_batch_size} must divide --batch_size {cfg.batch_size}")
+    if cfg.reward not in ("proxy", "videoalign"):
+        raise ValueError(f"unknown reward {cfg.reward!r}; choose 'proxy' or 'videoalign'")
+    if cfg.reward == "videoalign" and cfg.reward_model != "tiny" and not cfg.reward_prompt_template:
+        import videoalign
+
+        raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
     if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
         raise FileNotFoundError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder")
     if cfg.learning_rate is None:
@@ -221,43 +230,64 @@ def plot_metrics(rows: list[dict], path: str) -> None:
 
 
 class PhaseTimer:
-    """Wall time per phase; with `profile`, also time inside and number of transformer calls (forward
-    hooks) and a device sync at every boundary so GPU time lands in the right phase. Without `profile`
-    it adds no hooks and no syncs."""
+    """Wall time per phase; with `profile`, also the time inside transformer calls, their number and the
+    number of rows they processed (a row = one sample at one step for one CFG branch), with a device sync at
+    every boundary so GPU time lands in the right phase. Without `profile` it adds no hooks and no syncs.
+
+    Backward passes are timed around `accelerator.backward` (`timer.backward()`); their model time includes
+    the small SDE-loss graph and, with gradient checkpointing, the recomputed block forwards."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, profile: bool):
-        self.device, self.profile, self.wall, self.model_time, self.calls = device, profile, {}, {}, {}
-        self.phase, self._t = None, 0.0
+        self.device, self.profile = device, profile
+        self.reset()
+        self.phase, self._t, self.example, self.paused = None, 0.0, None, False
         if profile:
-            model.register_forward_pre_hook(self._pre)
+            model.register_forward_pre_hook(self._pre, with_kwargs=True)
             model.register_forward_hook(self._post)
+
+    def reset(self):
+        self.wall, self.model_time, self.calls, self.rows, self.backwards = {}, {}, {}, {}, {}
 
     def _sync(self):
         if self.profile and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _pre(self, *_):
+    def _pre(self, module, args, kwargs):
+        if self.paused:
+            return
+        if self.example is None:  # one row of the first call, for the FLOP count in print_profile
+            self.example = {k: v[:1] if torch.is_tensor(v) and v.dim() else v for k, v in kwargs.items()}
+        self.rows[self.phase] = self.rows.get(self.phase, 0) + kwargs["hidden_states"].shape[0]
         self._sync()
         self._t = time.perf_counter()
 
     def _post(self, module, args, output):
+        if self.paused:
+            return
         self._sync()
         self.model_time[self.phase] = self.model_time.get(self.phase, 0.0) + time.perf_counter() - self._t
         self.calls[self.phase] = self.calls.get(self.phase, 0) + 1
 
+    @contextmanager
+    def backward(self):
+        """Around `accelerator.backward`: its time is model time, and it is counted."""
+        if not self.profile:
+            yield
+            return
+        self._sync()
+        t = time.perf_counter()
+        yield
+        self._sync()
+        self.model_time[self.phase] = self.model_time.get(self.phase, 0.0) + time.perf_counter() - t
+        self.backwards[self.phase] = self.backwards.get(self.phase, 0) + 1
+
+    @contextmanager
     def __call__(self, phase: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                timer._sync()
-                timer.phase, self.t = phase, time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer._sync()
-                timer.wall[phase] = timer.wall.get(phase, 0.0) + time.perf_counter() - self.t
-
-        return _Ctx()
+        self._sync()
+        self.phase, t = phase, time.perf_counter()
+        yield
+        self._sync()
+        self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -342,16 +372,20 @@ def main(cfg: Config) -> list[dict]:
         state = load_checkpoint(resume, accelerator, model, cfg, anchor, cur)
         start_step = state["step"]
     base_val = state.get("base_val") or validate("base")  # Deviations 6: measured once, before any update
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")  # one row of scalars per step (README)
+    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # per-sample prompts, scores, rewards, advantages
     history = []
     if accelerator.is_main_process:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
-        if os.path.exists(metrics_path):  # keep the rows up to the resumed step, drop any after it
-            with open(metrics_path) as f:
-                history = [r for r in map(json.loads, f) if r["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
+        for path in (metrics_path, samples_path):  # keep the rows up to the resumed step, drop any after it
+            rows = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows = [r for r in map(json.loads, f) if r["step"] <= start_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            history = rows if path == metrics_path else history
 
     # ---- loop -------------------------------------------------------------------------------------
     N = cfg.batch_size  # videos on this process
@@ -360,7 +394,7 @@ def main(cfg: Config) -> list[dict]:
                disable=not accelerator.is_local_main_process, desc="GRPO")  # [dist]
     for step in bar:
         t_step = time.perf_counter()
-        timer.wall, timer.model_time, timer.calls = {}, {}, {}
+        timer.reset()
         model.eval()  # no dropout anywhere, but be explicit: rollout and training forwards must agree
 
         # 1. sample: this process's prompts (whole groups), one noise stream per sample
@@ -412,7 +446,8 @@ def main(cfg: Config) -> list[dict]:
                             velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j], A[mb], cfg.sde, cfg.eta, S,
                             mu_anchor[j][mb] if j in mu_anchor else None, lam, cfg.beta_pos, cfg.beta_vel,
                             cfg.clip_range)
-                        accelerator.backward(loss / len(work))  # [dist] mean over the trained (i, t) pairs
+                        with timer.backward():
+                            accelerator.backward(loss / len(work))  # [dist] mean over the trained (i, t) pairs
                     stats.append(st)
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # [dist]
                 if torch.isfinite(grad_norm):
@@ -433,8 +468,9 @@ def main(cfg: Config) -> list[dict]:
             row = {"step": step + 1, "lr": cfg.learning_rate, "lambda_kl": lam, "anchor/refreshes": anchor.num_refreshes}
             comp = all_scores.nanmean(0)
             row.update({f"reward/{c}": comp[j].item() for j, c in enumerate(rewards.COMPONENTS)})
-            row["reward/mixed"] = accelerator.gather(mixed).nanmean().item()  # [dist]
-            row["adv/abs_mean"] = accelerator.gather(A).abs().mean().item()  # [dist]
+            all_mixed, all_A = accelerator.gather(mixed), accelerator.gather(A)  # [dist] global sample order
+            row["reward/mixed"] = all_mixed.nanmean().item()
+            row["adv/abs_mean"] = all_A.abs().mean().item()
             mean_st = {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), "mean").item()  # [dist]
                        for k in stats[0]}
             row.update({"train/ratio_mean": mean_st["ratio_mean"], "train/first_ratio_dev": stats[0]["ratio_dev_max"].item(),
@@ -445,18 +481,23 @@ def main(cfg: Config) -> list[dict]:
             if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
                 val = validate(f"step{step + 1:06d}")
                 row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
+            all_prompts = gather_object(prompts)  # [dist]
             if accelerator.is_main_process:  # [dist]
+                with open(samples_path, "a") as f:  # per-sample record, for analysis and the two-process test
+                    f.write(json.dumps({"step": step + 1, "prompt": all_prompts, "scores": all_scores.tolist(),
+                                        "reward": all_mixed.tolist(), "advantage": all_A.tolist()}) + "\n")
                 history.append(row)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
+                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.3 s
+                    plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
             bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
         with timer("checkpoint"):
             if (cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0) or step + 1 == cfg.max_steps:
                 save_checkpoint(os.path.join(ckpt_root, f"checkpoint-{step + 1}"), accelerator, model, cfg, anchor, cur,
                                 {"step": step + 1, "base_val": base_val})
         if cfg.profile:
-            print_profile(timer, time.perf_counter() - t_step, accelerator, step)
+            print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
     accelerator.end_training()  # [dist]
     return history
 
@@ -498,21 +539,76 @@ def load_checkpoint(path, accelerator, model, cfg, anchor, cur) -> dict:
     return state
 
 
-def print_profile(timer, total, accelerator, step) -> None:
+_FLOPS_PER_ROW: dict = {}  # measured once per run: FLOPs of one forward row (FlopCounterMode)
+_PEAK: dict = {}  # measured once per run: the device's dense bf16 matmul TFLOP/s
+
+
+def forward_flops_per_row(model, example: dict) -> float:
+    """FLOPs of one transformer forward on one row, counted by torch's FlopCounterMode (matmuls and
+    attention) on the first call's inputs; backward counts as twice the forward (the usual MFU convention,
+    which does not credit gradient checkpointing's recomputation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if "v" not in _FLOPS_PER_ROW:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(**example)
+        _FLOPS_PER_ROW["v"] = float(counter.get_total_flops())
+    return _FLOPS_PER_ROW["v"]
+
+
+def measured_bf16_peak(device) -> float:
+    """TFLOP/s of an 8192^3 bf16 matmul on this device, the denominator of model FLOP utilisation."""
+    if "v" not in _PEAK:
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize(device)
+        t, n = time.perf_counter(), 10
+        for _ in range(n):
+            a @ a
+        torch.cuda.synchronize(device)
+        _PEAK["v"] = 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
+    return _PEAK["v"]
+
+
+def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
+    """The --profile table for one iteration, also appended to profile.jsonl; last line `overhead: X% ...`."""
     if not accelerator.is_main_process:
         return
     inside = sum(timer.model_time.values())
-    print(f"\nprofile step {step + 1}: {'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}")
+    cuda = accelerator.device.type == "cuda"
+    timer.paused = True  # the FLOP count's own forward is not part of the iteration
+    per_row = forward_flops_per_row(accelerator.unwrap_model(model), timer.example) if timer.example else 0.0
+    timer.paused = False
+    record = {"step": step + 1, "total_s": total, "phases": {}}
+    print(f"\nprofile step {step + 1}: {'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}{'bwd':>5}{'rows':>7}"
+          + (f"{'TFLOP/s':>9}{'MFU':>7}" if cuda else ""))
     for phase, wall in timer.wall.items():
-        m = timer.model_time.get(phase, 0.0)
-        print(f"{'':>20}{phase:<11}{wall:9.3f}{m:9.3f}{m / wall if wall else 0:7.2f}{timer.calls.get(phase, 0):7d}")
-    if torch.cuda.is_available():
-        print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        m, rows = timer.model_time.get(phase, 0.0), timer.rows.get(phase, 0)
+        flops = rows * per_row * (3 if phase == "train" else 1)  # forward + backward (2x) in training
+        line = f"{'':>20}{phase:<11}{wall:9.3f}{m:9.3f}{m / wall if wall else 0:7.2f}{timer.calls.get(phase, 0):7d}{timer.backwards.get(phase, 0):5d}{rows:7d}"
+        entry = {"wall_s": wall, "model_s": m, "calls": timer.calls.get(phase, 0),
+                 "backwards": timer.backwards.get(phase, 0), "rows": rows, "flops": flops}
+        if cuda and m > 0:
+            entry["tflops"] = flops / m / 1e12
+            entry["mfu"] = entry["tflops"] / measured_bf16_peak(accelerator.device)
+            line += f"{entry['tflops']:9.1f}{100 * entry['mfu']:6.1f}%"
+        record["phases"][phase] = entry
+        print(line)
+    if cuda:
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak CUDA memory {record['peak_memory_gib']:.2f} GiB; bf16 matmul peak "
+              f"{measured_bf16_peak(accelerator.device):.0f} TFLOP/s (measured); forward {per_row / 1e12:.2f} TFLOP/row")
     else:
         import resource
 
-        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"overhead: {100 * (1 - inside / total):.1f}% of the iteration outside model calls")
+        record["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"peak RSS {record['peak_memory_gib']:.2f} GiB")
+    record["overhead"] = 1 - inside / total
+    with open(os.path.join(output_dir, "profile.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"overhead: {100 * record['overhead']:.1f}% of the iteration outside model calls")
 
 
 if __name__ == "__main__":

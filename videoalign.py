@@ -265,6 +265,12 @@ class VideoAlignReward(nn.Module):
                         base_model: str = "Qwen/Qwen2-VL-2B-Instruct", batch_size: int = 2):
         """Load a local KwaiVGI/VideoReward folder (model_config.json + checkpoint-<step>/) on base_model."""
         template, root = load_prompt_template(prompt_template_file), Path(path)
+        if not root.is_dir():  # a hub id: take it from the local cache only (Deviations 6)
+            from huggingface_hub import snapshot_download
+            try:
+                root = Path(snapshot_download(str(path), local_files_only=True))
+            except (FileNotFoundError, ValueError):  # not cached, or not a valid id: the error below says what to do
+                pass
         steps = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         ckpts = sorted(steps, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
         ckpt = ckpts[0] if ckpts else None  # the latest step, as VideoAlign's loader picks
@@ -340,7 +346,14 @@ def tiny_qwen2vl_config(tokenizer, vocab_size: int | None = None):
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def build_tiny_videoalign(prompt_template_file_or_text, seed: int = 0, batch_size: int = 2) -> VideoAlignReward:
+# A stand-in rubric with the real one's structure (caption slot, the three reward tokens in order) for tests
+# and `--reward_model tiny`; it is not VideoAlign's wording, which the user supplies (Deviations 5).
+STAND_IN_TEMPLATE = ("\nRate the clip.\nLooks: <|VQ_reward|>\nEND\nMotion: <|MQ_reward|>\nEND\n"
+                     "Caption - {text_prompt}\nMatch: <|TA_reward|>\nEND\n")
+
+
+def build_tiny_videoalign(prompt_template_file_or_text=STAND_IN_TEMPLATE, seed: int = 0,
+                          batch_size: int = 2) -> VideoAlignReward:
     """A random tiny Qwen2-VL on exactly the real model's prompt / patch / reward-token path.
 
     Frames are capped at 112x112 pixels (at most 16 merged video tokens per frame pair) to keep CPU tests fast."""

@@ -82,14 +82,27 @@ def test_prompt_embeddings_match_the_pipeline_functions(backbone, cache):
     embeds_2, mask_2 = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(
         tokenizer=backbone.tokenizer_2, text_encoder=backbone.text_encoder_2, prompt=PROMPTS + [""], device="cpu",
         tokenizer_max_length=backbone.max_length_2)
-    torch.testing.assert_close(ours.embeds, embeds, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.embeds_2, embeds_2, atol=1e-5, rtol=1e-5)
-    assert torch.equal(ours.mask, mask) and torch.equal(ours.mask_2, mask_2)
+    full = hunyuan._encode_prompts(backbone, PROMPTS + [""])   # before the cache trims the padding
+    torch.testing.assert_close(full.embeds, embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.embeds_2, embeds_2, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full.mask, mask) and torch.equal(full.mask_2, mask_2)
+    # The cache keeps the columns up to the longest valid prompt and drops only padding (Deviation 7).
+    L, L2 = ours.embeds.shape[1], ours.embeds_2.shape[1]
+    assert L == int(mask.sum(1).max()) and L2 == int(mask_2.sum(1).max())
+    for i, p in enumerate(PROMPTS + [""]):   # each cached prompt alone: its valid columns, at least one
+        assert cache.cache[p].embeds.shape[1] == max(int(mask[i].sum()), 1)
+        assert cache.cache[p].embeds_2.shape[1] == max(int(mask_2[i].sum()), 1)
+    assert cache.cache[""].embeds.shape[1] < mask.shape[1] and cache.cache[""].embeds_2.shape[1] == 1
+    assert torch.equal(ours.mask, mask[:, :L]) and torch.equal(ours.mask_2, mask_2[:, :L2])
+    assert mask[:, L:].sum() == 0 and mask_2[:, L2:].sum() == 0
+    valid = ours.mask.bool()
+    torch.testing.assert_close(ours.embeds[valid], embeds[:, :L][valid], atol=1e-5, rtol=1e-5)
     assert ours.mask_2[0].sum() == 0 and ours.mask_2[1].sum() > 0   # ByT5 only sees quoted text
     # The negative prompt is the pipeline's default: the empty string, repeated.
     negative = cache.negative(3)
     assert len(negative) == 3
-    torch.testing.assert_close(negative.embeds, embeds[2:3].expand(3, -1, -1), atol=1e-5, rtol=1e-5)
+    n = negative.embeds.shape[1]
+    torch.testing.assert_close(negative.embeds, embeds[2:3, :n].expand(3, -1, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_prompt_cache_encodes_each_distinct_prompt_once(backbone):
@@ -120,9 +133,13 @@ def test_velocity_is_cfg_of_two_plain_pipeline_calls(backbone, cache):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 3, 8, 8)
     cond, uncond, sigma, g = cache(PROMPTS), cache.negative(2), 0.73, 4.5
+    # The pipeline's calls get the full padded text (32 Qwen, 16 ByT5 columns); ours is trimmed, and the
+    # shorter negative prompt is padded only to the longest prompt of the batched forward.
+    full, full_uncond = hunyuan._encode_prompts(backbone, PROMPTS), hunyuan._encode_prompts(backbone, ["", ""])
+    assert uncond.embeds.shape[1] < full.embeds.shape[1] and uncond.embeds_2.shape[1] < full.embeds_2.shape[1]
     with torch.no_grad():
-        v_cond = pipeline_forward(backbone.transformer, x, sigma, cond)
-        v_uncond = pipeline_forward(backbone.transformer, x, sigma, uncond)
+        v_cond = pipeline_forward(backbone.transformer, x, sigma, full)
+        v_uncond = pipeline_forward(backbone.transformer, x, sigma, full_uncond)
         v = hunyuan.velocity(backbone.transformer, x, sigma, cond, uncond, g)
         v_plain = hunyuan.velocity(backbone.transformer, x, sigma, cond, uncond, 1.0)
         v_no_uncond = hunyuan.velocity(backbone.transformer, x, sigma, cond, None, g)

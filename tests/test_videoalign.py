@@ -10,8 +10,7 @@ import torch
 
 import videoalign as va
 
-STANDIN = ("\nRate the clip.\nLooks: <|VQ_reward|>\nEND\nMotion: <|MQ_reward|>\nEND\n"
-           "Caption - {text_prompt}\nMatch: <|TA_reward|>\nEND\n")
+STANDIN = va.STAND_IN_TEMPLATE
 PROMPTS = ["a red car drives along a coast road", "cat", "two dogs play in the snow at dusk, slow pan"]
 
 
