@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -47,7 +48,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -297,6 +298,13 @@ def main(cfg: Config) -> list[dict]:
     # ---- setup ------------------------------------------------------------------------------------
     accelerator = Accelerator()  # [dist] reads `accelerate config` / launch flags (mixed precision, FSDP...)
     cfg = resolve(cfg, accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist]
+        raise ValueError("DeepSpeed is not supported: the update runs many backward passes per optimizer step, "
+                         "which accelerate's DeepSpeed engine turns into one step each; use "
+                         "configs/fsdp2_full.yaml (full) or configs/multi_gpu_lora.yaml (LoRA)")
+    if accelerator.distributed_type == DistributedType.FSDP and not cfg.full:  # [dist]
+        raise ValueError("LoRA under FSDP is not supported (the adapter would be saved sharded with the whole "
+                         "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full for FSDP")
     set_seed(cfg.seed)  # model init of the tiny backbone and LoRA; rollouts use their own generators
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
@@ -332,6 +340,12 @@ def main(cfg: Config) -> list[dict]:
         "videoalign", path=cfg.reward_model or "KwaiVGI/VideoReward", prompt_template_file=cfg.reward_prompt_template,
         device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32, batch_size=cfg.reward_batch_size))
     timer = PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
+    accelerator.print(  # one line a user can check before the first (long) iteration
+        f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
+        f"trained_steps={math.ceil(cfg.timestep_fraction * int(stochastic.sum()))} G={cfg.group_size} "
+        f"batch/process={cfg.batch_size} num_processes={world} precision={accelerator.mixed_precision} "
+        f"{'full' if cfg.full else 'LoRA'} trainable={sum(p.numel() for p in params) / 1e6:.2f}M "
+        f"reward={cfg.reward} curriculum={cfg.curriculum}")
     if not cfg.full:  # [dist] Deviations 5: accelerate saves optimizer and RNG, the adapter is saved by us
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
@@ -611,6 +625,11 @@ def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
     print(f"overhead: {100 * record['overhead']:.1f}% of the iteration outside model calls")
 
 
+def parse_args(argv: Optional[list[str]] = None) -> Config:
+    """Command-line options (every field of Config, `--help` lists them with the papers' values)."""
+    (config,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    return config
+
+
 if __name__ == "__main__":
-    (config,) = HfArgumentParser(Config).parse_args_into_dataclasses()
-    main(config)
+    main(parse_args())

@@ -1,0 +1,225 @@
+"""Model cost of one GRPO iteration on the real HunyuanVideo-1.5 transformer, without any download.
+
+    python benchmark.py                      # GPU: full-size 8.3 B DiT, random bf16 weights, LoRA r=32
+    python benchmark.py --model small        # CPU smoke test of the same code on the 'small' backbone
+
+What it measures (README "Performance"), with the exact calls train.py makes:
+- rollout: `sde.rollout` of G videos over K SAGE steps, cond + uncond in one batched forward per step
+  (`hunyuan.velocity`), no grad. Reported per video.
+- training step: `grpo.trained_step_loss` + backward for every trained timestep of every sample, then one
+  AdamW step on the LoRA parameters, with gradient checkpointing as train.py uses it for hunyuan15.
+- peak CUDA memory, FLOPs of one forward row counted by torch's FlopCounterMode, and the model FLOP
+  utilisation (MFU) against the bf16 matmul peak measured on the same device in the same run.
+
+Choices (stated in the README next to the numbers):
+1. Random weights and random text embeddings: the cost of a forward does not depend on their values.
+   The text streams have `--text_tokens` valid tokens (train.py trims padding, hunyuan.py Deviation 7).
+2. Attention backends are compared on one batched forward each; the fastest runs the full measurement.
+3. `--train_timesteps` of the K trained timesteps are timed and the training step is scaled to K
+   (every trained timestep costs the same forward + backward), to fit a 15-minute device budget. The
+   printed line says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+import grpo
+import hunyuan
+import sde
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("full", "small"), default="full")
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=576)
+    p.add_argument("--group_size", type=int, default=4, help="G videos of one prompt, batched")
+    p.add_argument("--num_steps", type=int, default=16, help="K")
+    p.add_argument("--train_micro_batch", type=int, default=1, help="samples per training forward")
+    p.add_argument("--train_timesteps", type=int, default=4, help="trained timesteps timed (scaled to K)")
+    p.add_argument("--text_tokens", type=int, default=64, help="valid Qwen tokens of the prompt")
+    p.add_argument("--backends", default="native,_native_cudnn,_native_efficient",
+                   help="diffusers attention backends to compare (comma separated)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_peak_tflops(device) -> float:
+    """Dense bf16 matmul throughput of this device (8192^3, mean of 10 after 3 warm-ups)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync(device)
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def build(args, device, dtype):
+    """The transformer (full: the 480p t2v architecture, diffusers' defaults with task_type='t2v')."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    if args.model == "full":
+        with torch.device(device):  # allocate on the GPU directly: 8.3 B parameters
+            model = HunyuanVideo15Transformer3DModel(task_type="t2v").to(dtype)
+        temporal, spatial, channels = 4, 16, 32
+    else:
+        model = HunyuanVideo15Transformer3DModel(**hunyuan.SMALL_TRANSFORMER).to(device, dtype)
+        temporal, spatial, channels = 2, 4, 16
+    hunyuan.check_video_size(temporal, spatial * model.config.patch_size, args.frames, args.height, args.width)
+    latent = (channels, (args.frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
+    return model.eval(), latent
+
+
+def text_embeds(model, n: int, tokens: int, device) -> hunyuan.PromptEmbeds:
+    """Random embeddings shaped like the trimmed cache output: `tokens` valid Qwen tokens, no glyph text."""
+    cfg = model.config
+    g = torch.Generator(device).manual_seed(tokens)
+    return hunyuan.PromptEmbeds(
+        embeds=torch.randn(n, tokens, cfg.text_embed_dim, device=device, generator=g),
+        mask=torch.ones(n, tokens, dtype=torch.long, device=device),
+        embeds_2=torch.zeros(n, 1, cfg.text_embed_2_dim, device=device),
+        mask_2=torch.zeros(n, 1, dtype=torch.long, device=device))
+
+
+def forward_flops_per_row(model, x, cond) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        hunyuan.velocity(model, x[:1], torch.full((1,), 0.5, device=x.device), cond[:1], None, 1.0)
+    return float(counter.get_total_flops())
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
+    t0 = time.perf_counter()
+    model, latent = build(args, device, dtype)
+    result["build_s"] = time.perf_counter() - t0
+    result["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+    lora_params = hunyuan.add_lora(model, rank=32, alpha=64)
+    result["lora_params_m"] = sum(p.numel() for p in lora_params) / 1e6
+    model.enable_gradient_checkpointing()  # as train.py for hunyuan15 (only active under grad)
+    optimizer = torch.optim.AdamW(lora_params, lr=3e-4, weight_decay=1e-4)
+
+    G, K = args.group_size, args.num_steps
+    cond = text_embeds(model, 1, args.text_tokens, device).repeat_interleave(G)
+    uncond = text_embeds(model, 1, 14, device).repeat_interleave(G)  # the empty prompt: ~14 template tokens
+    velocity_fn = lambda c, u: (lambda x, sigma: hunyuan.velocity(model, x, sigma, c, u, 6.0))
+    sigmas = sde.sigma_schedule(K, 5.0)
+    gens = [torch.Generator(device).manual_seed(i) for i in range(G)]
+    x_T = torch.stack([torch.randn(latent, generator=g, device=device) for g in gens])
+    tokens = math.prod(latent[1:]) // model.config.patch_size**2
+    result["video_tokens"] = tokens
+    print(f"{result['device']}: {result['params_b']:.2f} B params, LoRA {result['lora_params_m']:.1f} M, "
+          f"latent {latent} = {tokens} video tokens + {args.text_tokens} text, built in {result['build_s']:.1f} s",
+          flush=True)
+
+    # FLOPs of one forward row, and the device's measured bf16 peak
+    per_row = forward_flops_per_row(model, x_T, cond)
+    result["forward_tflop_per_row"] = per_row / 1e12
+    result["bf16_peak_tflops"] = bf16_peak_tflops(device) if device.type == "cuda" else None
+
+    # 1. attention backends on one batched CFG forward (2G rows)
+    timings = {}
+    for name in args.backends.split(",") if device.type == "cuda" else ["native"]:
+        try:
+            model.set_attention_backend(name)
+            with torch.no_grad():
+                velocity_fn(cond, uncond)(x_T, sigmas[1].expand(G).to(device))  # warm-up
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(2):
+                    velocity_fn(cond, uncond)(x_T, sigmas[1].expand(G).to(device))
+                sync(device)
+            timings[name] = (time.perf_counter() - t) / 2
+            print(f"attention {name:<20} {timings[name]:.3f} s per {2 * G}-row forward", flush=True)
+        except Exception as err:  # a backend this build lacks: report it and go on
+            print(f"attention {name:<20} unavailable: {type(err).__name__}: {str(err)[:120]}", flush=True)
+    best = min(timings, key=timings.get)
+    model.set_attention_backend(best)
+    result["attention"] = {"per_forward_s": timings, "chosen": best}
+
+    # 2. rollout: K steps of G videos, batched CFG
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        traj = sde.rollout(velocity_fn(cond, uncond), x_T, sigmas, "sage", 0.5, gens)
+    sync(device)
+    rollout_s = time.perf_counter() - t
+    rollout_flops = K * 2 * G * per_row
+    result["rollout"] = {"seconds": rollout_s, "seconds_per_video": rollout_s / G,
+                         "tflops": rollout_flops / rollout_s / 1e12}
+    if device.type == "cuda":
+        result["rollout"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 3. training: the trained timesteps of every sample, forward + backward, then one optimizer step
+    A = torch.randn(G, device=device)
+    S = sde.equalizer_weights(sigmas, "sage", 0.5)
+    steps = grpo.select_timesteps(G, sde.step_variances(sigmas, "sage", 0.5) > 0, 1.0,
+                                  torch.Generator().manual_seed(0)).to(device)  # (G, K)
+    timed = min(args.train_timesteps, steps.shape[1])
+    mb = args.train_micro_batch
+    model.train()
+    sync(device)
+    t = time.perf_counter()
+    for j in range(timed):
+        for i in range(0, G, mb):
+            rows = slice(i, i + mb)
+            loss, _ = grpo.trained_step_loss(velocity_fn(cond[rows], uncond[rows]), traj.rows(rows), steps[rows, j],
+                                             A[rows], "sage", 0.5, S, None, 1e-7, 1.0, 0.1, 1e-4)
+            (loss / (timed * G / mb)).backward()
+    sync(device)
+    fwd_bwd_s = time.perf_counter() - t
+    t = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    opt_s = time.perf_counter() - t
+    train_s = fwd_bwd_s * K / timed + opt_s
+    train_flops = 3 * K * 2 * G * per_row  # forward + backward (2x), not crediting checkpoint recompute
+    result["train"] = {"seconds_per_step": train_s, "timed_timesteps": timed, "scaled_to": K,
+                       "optimizer_s": opt_s, "tflops": train_flops / (train_s - opt_s) / 1e12}
+    if device.type == "cuda":
+        result["train"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        for phase in ("rollout", "train"):
+            result[phase]["mfu"] = result[phase]["tflops"] / result["bf16_peak_tflops"]
+
+    print(json.dumps(result, indent=1), flush=True)
+    print(f"rollout: {result['rollout']['seconds_per_video']:.2f} s per video ({K} steps, CFG batched); "
+          f"training step: {train_s:.1f} s ({K} timesteps x {G} samples, {timed} timed and scaled); "
+          f"attention backend {best}"
+          + (f"; MFU rollout {100 * result['rollout']['mfu']:.0f}%, train {100 * result['train']['mfu']:.0f}% of "
+             f"{result['bf16_peak_tflops']:.0f} TFLOP/s measured; peak memory "
+             f"{max(result['rollout']['peak_memory_gib'], result['train']['peak_memory_gib']):.1f} GiB"
+             if device.type == "cuda" else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
