@@ -42,7 +42,7 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -298,13 +298,10 @@ def main(cfg: Config) -> list[dict]:
     # ---- setup ------------------------------------------------------------------------------------
     accelerator = Accelerator()  # [dist] reads `accelerate config` / launch flags (mixed precision, FSDP...)
     cfg = resolve(cfg, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist]
-        raise ValueError("DeepSpeed is not supported: the update runs many backward passes per optimizer step, "
-                         "which accelerate's DeepSpeed engine turns into one step each; use "
-                         "configs/fsdp2_full.yaml (full) or configs/multi_gpu_lora.yaml (LoRA)")
-    if accelerator.distributed_type == DistributedType.FSDP and not cfg.full:  # [dist]
-        raise ValueError("LoRA under FSDP is not supported (the adapter would be saved sharded with the whole "
-                         "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full for FSDP")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # [dist]
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
+        raise ValueError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
+                         "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
     set_seed(cfg.seed)  # model init of the tiny backbone and LoRA; rollouts use their own generators
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
@@ -326,9 +323,20 @@ def main(cfg: Config) -> list[dict]:
 
     model = backbone.transformer
     params = hunyuan.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
+    hunyuan.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
+    params = [p for p in params if p.requires_grad]
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
+    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))
+    if k_train % cfg.updates_per_rollout:
+        raise ValueError(f"--updates_per_rollout {cfg.updates_per_rollout} must divide the {k_train} trained steps")
+    accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)
+    if deepspeed:  # [dist] no DataLoader tells DeepSpeed these (configs/deepspeed_zero2.yaml leaves them out)
+        accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
     model, optimizer = accelerator.prepare(model, optimizer)  # [dist]
     params = [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP replaces the tensors
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
@@ -342,7 +350,7 @@ def main(cfg: Config) -> list[dict]:
     timer = PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
     accelerator.print(  # one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
-        f"trained_steps={math.ceil(cfg.timestep_fraction * int(stochastic.sum()))} G={cfg.group_size} "
+        f"trained_steps={k_train} G={cfg.group_size} "
         f"batch/process={cfg.batch_size} num_processes={world} precision={accelerator.mixed_precision} "
         f"{'full' if cfg.full else 'LoRA'} trainable={sum(p.numel() for p in params) / 1e6:.2f}M "
         f"reward={cfg.reward} curriculum={cfg.curriculum}")
@@ -450,10 +458,10 @@ def main(cfg: Config) -> list[dict]:
         with timer("train"):
             model.train()
             for cols in torch.arange(steps.shape[1]).chunk(cfg.updates_per_rollout):  # Deviations 3
-                work = [(j, mb) for j in cols.tolist() for mb in micro]
-                for k, (j, mb) in enumerate(work):
-                    sync = k == len(work) - 1
-                    with nullcontext() if sync else accelerator.no_sync(model):  # [dist] one all-reduce per update
+                for j, mb in [(j, mb) for j in cols.tolist() for mb in micro]:
+                    # accumulate: no gradient sync until the update's last micro-batch, where sync_gradients
+                    # turns true; the loss is divided by the number of micro-batches (DeepSpeed: by its engine).
+                    with accelerator.accumulate(model):  # [dist]
                         # No extra autocast: `prepare` already wraps the forward for rollout and training alike,
                         # and any difference between the two paths would break ratio = 1 (SPEC §8).
                         loss, st = grpo.trained_step_loss(
@@ -461,10 +469,13 @@ def main(cfg: Config) -> list[dict]:
                             mu_anchor[j][mb] if j in mu_anchor else None, lam, cfg.beta_pos, cfg.beta_vel,
                             cfg.clip_range)
                         with timer.backward():
-                            accelerator.backward(loss / len(work))  # [dist] mean over the trained (i, t) pairs
+                            accelerator.backward(loss)  # [dist] the mean over the trained (i, t) pairs
                     stats.append(st)
+                assert accelerator.sync_gradients  # [dist] the accumulation boundary is this update's end
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # [dist]
-                if torch.isfinite(grad_norm):
+                # DeepSpeed clips and steps inside its engine and returns a float or None here
+                grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
+                if torch.isfinite(grad_norm) or deepspeed:
                     optimizer.step()
                     anchor.step()
                     skipped_in_a_row = 0

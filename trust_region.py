@@ -118,8 +118,9 @@ class MovingAnchor:
             s.copy_(buf)
 
     def state_dict(self) -> dict:
+        """Plain CPU tensors; under FSDP2 each process's own shard (DTensor.to_local), saved per process."""
         return {
-            "snapshot": [s.detach().cpu() for s in self.snapshot],
+            "snapshot": [_local(s).detach().cpu() for s in self.snapshot],
             "num_updates": self.num_updates,
             "num_refreshes": self.num_refreshes,
             "is_current": self.is_current,
@@ -133,7 +134,12 @@ class MovingAnchor:
                 f"trainable ones: was it saved with a different LoRA / full fine-tuning setting?"
             )
         for s, saved in zip(self.snapshot, state["snapshot"]):
-            s.copy_(saved)
+            _local(s).copy_(saved)
         self.num_updates = state["num_updates"]
         self.num_refreshes = state["num_refreshes"]
         self.is_current = state["is_current"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of an FSDP2 DTensor, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -281,3 +281,19 @@ def test_lora_only_on_dit_attention_and_gets_gradients_through_velocity(cache):
         if ".lora_B." in name:
             reached = p.grad is not None and p.grad.abs().sum() > 0
             assert reached != name.startswith(dead), name
+
+
+def test_freeze_unreachable_freezes_exactly_the_last_blocks_text_outputs(cache):
+    """Full fine-tuning: the parameters that can never get a gradient are the last block's text output
+    projection and text MLP (the text tokens are dropped after it); after freezing them, one backward through
+    the batched CFG velocity reaches every trainable parameter (what DDP and FSDP2 checkpoints need)."""
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    model = tiny.transformer.requires_grad_(True)
+    frozen = hunyuan.freeze_unreachable(model)
+    last = f"transformer_blocks.{model.config.num_layers - 1}."
+    expected = {n for n, _ in model.named_parameters()
+                if n.startswith((last + "attn.to_add_out.", last + "ff_context."))}
+    assert set(frozen) == expected and len(expected) == 6
+    x = torch.randn(2, 4, 3, 8, 8)
+    hunyuan.velocity(model, x, 0.6, cache(PROMPTS), cache.negative(2), 5.0).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -102,10 +102,11 @@ def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train.py"), "--backbone", "tiny",
-           "--max_steps", "1", "--batch_size", "4", "--validation_steps", "0", "--output_dir", str(tmp_path / "two")]
+           "--max_steps", "2", "--batch_size", "4", "--validation_steps", "0", "--output_dir", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "num_processes=2" in done.stdout  # train.py prints the resolved setup on the main process
+    assert len(read_jsonl(tmp_path / "two" / "metrics.jsonl")) == 2  # a second update after a synced one
     two = read_jsonl(tmp_path / "two" / "samples.jsonl")[0]
     # The same 8 videos in one process: samples depend only on (seed, step, global index), not on the split.
     run(tmp_path / "one", "--max_steps", 1, "--batch_size", 8, "--validation_steps", 0)
