@@ -42,7 +42,6 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -55,6 +54,7 @@ from transformers import HfArgumentParser
 import curriculum
 import grpo
 import hunyuan
+import profiling
 import rewards
 import sde
 import trust_region
@@ -230,67 +230,6 @@ def plot_metrics(rows: list[dict], path: str) -> None:
     fig.tight_layout(), fig.savefig(path, dpi=80), plt.close(fig)
 
 
-class PhaseTimer:
-    """Wall time per phase; with `profile`, also the time inside transformer calls, their number and the
-    number of rows they processed (a row = one sample at one step for one CFG branch), with a device sync at
-    every boundary so GPU time lands in the right phase. Without `profile` it adds no hooks and no syncs.
-
-    Backward passes are timed around `accelerator.backward` (`timer.backward()`); their model time includes
-    the small SDE-loss graph and, with gradient checkpointing, the recomputed block forwards."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, profile: bool):
-        self.device, self.profile = device, profile
-        self.reset()
-        self.phase, self._t, self.example, self.paused = None, 0.0, None, False
-        if profile:
-            model.register_forward_pre_hook(self._pre, with_kwargs=True)
-            model.register_forward_hook(self._post)
-
-    def reset(self):
-        self.wall, self.model_time, self.calls, self.rows, self.backwards = {}, {}, {}, {}, {}
-
-    def _sync(self):
-        if self.profile and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _pre(self, module, args, kwargs):
-        if self.paused:
-            return
-        if self.example is None:  # one row of the first call, for the FLOP count in print_profile
-            self.example = {k: v[:1] if torch.is_tensor(v) and v.dim() else v for k, v in kwargs.items()}
-        self.rows[self.phase] = self.rows.get(self.phase, 0) + kwargs["hidden_states"].shape[0]
-        self._sync()
-        self._t = time.perf_counter()
-
-    def _post(self, module, args, output):
-        if self.paused:
-            return
-        self._sync()
-        self.model_time[self.phase] = self.model_time.get(self.phase, 0.0) + time.perf_counter() - self._t
-        self.calls[self.phase] = self.calls.get(self.phase, 0) + 1
-
-    @contextmanager
-    def backward(self):
-        """Around `accelerator.backward`: its time is model time, and it is counted."""
-        if not self.profile:
-            yield
-            return
-        self._sync()
-        t = time.perf_counter()
-        yield
-        self._sync()
-        self.model_time[self.phase] = self.model_time.get(self.phase, 0.0) + time.perf_counter() - t
-        self.backwards[self.phase] = self.backwards.get(self.phase, 0) + 1
-
-    @contextmanager
-    def __call__(self, phase: str):
-        self._sync()
-        self.phase, t = phase, time.perf_counter()
-        yield
-        self._sync()
-        self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - t
-
-
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -347,7 +286,7 @@ def main(cfg: Config) -> list[dict]:
     scorer = (rewards.build_reward("proxy") if cfg.reward == "proxy" else rewards.build_reward(
         "videoalign", path=cfg.reward_model or "KwaiVGI/VideoReward", prompt_template_file=cfg.reward_prompt_template,
         device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32, batch_size=cfg.reward_batch_size))
-    timer = PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
+    timer = profiling.PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
     accelerator.print(  # one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
         f"trained_steps={k_train} G={cfg.group_size} "
@@ -393,7 +332,7 @@ def main(cfg: Config) -> list[dict]:
     if resume:
         state = load_checkpoint(resume, accelerator, model, cfg, anchor, cur)
         start_step = state["step"]
-    base_val = state.get("base_val") or validate("base")  # Deviations 6: measured once, before any update
+    base_val = state.get("base_val") or (validate("base") if cfg.validation_steps else {})  # Deviations 6: once, before any update
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")  # one row of scalars per step (README)
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # per-sample prompts, scores, rewards, advantages
     history = []
@@ -503,6 +442,7 @@ def main(cfg: Config) -> list[dict]:
                         "train/approx_kl": mean_st["approx_kl"], "train/policy_loss": mean_st["policy_loss"],
                         "kl/pos": mean_st["kl_pos"], "kl/vel": mean_st["kl_vel"], "train/grad_norm": max(grad_norms)})
             row.update({f"curriculum/{k.replace('/', '_')}": v for k, v in cstats.items()})
+            row.update({f"time/{phase}": seconds for phase, seconds in timer.wall.items() if phase != "log"})
             if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
                 val = validate(f"step{step + 1:06d}")
                 row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
@@ -522,7 +462,7 @@ def main(cfg: Config) -> list[dict]:
                 save_checkpoint(os.path.join(ckpt_root, f"checkpoint-{step + 1}"), accelerator, model, cfg, anchor, cur,
                                 {"step": step + 1, "base_val": base_val})
         if cfg.profile:
-            print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
+            profiling.print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
     accelerator.end_training()  # [dist]
     return history
 
@@ -562,78 +502,6 @@ def load_checkpoint(path, accelerator, model, cfg, anchor, cur) -> dict:
     anchor.load_state_dict(torch.load(os.path.join(path, f"anchor_rank{accelerator.process_index}.pt"), weights_only=True))
     cur.load_state_dict(state["curriculum"])
     return state
-
-
-_FLOPS_PER_ROW: dict = {}  # measured once per run: FLOPs of one forward row (FlopCounterMode)
-_PEAK: dict = {}  # measured once per run: the device's dense bf16 matmul TFLOP/s
-
-
-def forward_flops_per_row(model, example: dict) -> float:
-    """FLOPs of one transformer forward on one row, counted by torch's FlopCounterMode (matmuls and
-    attention) on the first call's inputs; backward counts as twice the forward (the usual MFU convention,
-    which does not credit gradient checkpointing's recomputation)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    if "v" not in _FLOPS_PER_ROW:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(**example)
-        _FLOPS_PER_ROW["v"] = float(counter.get_total_flops())
-    return _FLOPS_PER_ROW["v"]
-
-
-def measured_bf16_peak(device) -> float:
-    """TFLOP/s of an 8192^3 bf16 matmul on this device, the denominator of model FLOP utilisation."""
-    if "v" not in _PEAK:
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        torch.cuda.synchronize(device)
-        t, n = time.perf_counter(), 10
-        for _ in range(n):
-            a @ a
-        torch.cuda.synchronize(device)
-        _PEAK["v"] = 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
-    return _PEAK["v"]
-
-
-def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
-    """The --profile table for one iteration, also appended to profile.jsonl; last line `overhead: X% ...`."""
-    if not accelerator.is_main_process:
-        return
-    inside = sum(timer.model_time.values())
-    cuda = accelerator.device.type == "cuda"
-    timer.paused = True  # the FLOP count's own forward is not part of the iteration
-    per_row = forward_flops_per_row(accelerator.unwrap_model(model), timer.example) if timer.example else 0.0
-    timer.paused = False
-    record = {"step": step + 1, "total_s": total, "phases": {}}
-    print(f"\nprofile step {step + 1}: {'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}{'bwd':>5}{'rows':>7}"
-          + (f"{'TFLOP/s':>9}{'MFU':>7}" if cuda else ""))
-    for phase, wall in timer.wall.items():
-        m, rows = timer.model_time.get(phase, 0.0), timer.rows.get(phase, 0)
-        flops = rows * per_row * (3 if phase == "train" else 1)  # forward + backward (2x) in training
-        line = f"{'':>20}{phase:<11}{wall:9.3f}{m:9.3f}{m / wall if wall else 0:7.2f}{timer.calls.get(phase, 0):7d}{timer.backwards.get(phase, 0):5d}{rows:7d}"
-        entry = {"wall_s": wall, "model_s": m, "calls": timer.calls.get(phase, 0),
-                 "backwards": timer.backwards.get(phase, 0), "rows": rows, "flops": flops}
-        if cuda and m > 0:
-            entry["tflops"] = flops / m / 1e12
-            entry["mfu"] = entry["tflops"] / measured_bf16_peak(accelerator.device)
-            line += f"{entry['tflops']:9.1f}{100 * entry['mfu']:6.1f}%"
-        record["phases"][phase] = entry
-        print(line)
-    if cuda:
-        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        print(f"peak CUDA memory {record['peak_memory_gib']:.2f} GiB; bf16 matmul peak "
-              f"{measured_bf16_peak(accelerator.device):.0f} TFLOP/s (measured); forward {per_row / 1e12:.2f} TFLOP/row")
-    else:
-        import resource
-
-        record["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"peak RSS {record['peak_memory_gib']:.2f} GiB")
-    record["overhead"] = 1 - inside / total
-    with open(os.path.join(output_dir, "profile.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"overhead: {100 * record['overhead']:.1f}% of the iteration outside model calls")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:

@@ -1,5 +1,4 @@
 """Loss properties of grpo.py: normalisation, clipping directions, the REINFORCE limit, step selection."""
-import warnings
 
 import pytest
 import torch

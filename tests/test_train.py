@@ -195,3 +195,16 @@ def test_command_line_reports_a_bad_option(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "hunyuan16"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode != 0 and "unknown backbone 'hunyuan16'; choose one of" in done.stderr
+
+
+def test_readme_defines_every_logged_metric(two_steps):
+    """STYLE 14: every key of metrics.jsonl is defined once in the README's Metrics table."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("### Metrics"):readme.index("## Glossary")]
+    defined = set(re.findall(r"`([^`]+)`", table))
+    _, history = two_steps
+    for key in set().union(*history):
+        generic = re.sub(r"(visual|temporal|semantic)$", "<component>", key)
+        generic = re.sub(r"^time/\w+$", "time/<phase>", generic)
+        assert generic in defined, f"metric {key!r} is not defined in README.md"
