@@ -75,6 +75,8 @@ def test_resume_reproduces_the_uninterrupted_run(two_steps, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1].keys() == history[1].keys()
     for key, value in history[1].items():  # step k + 1 = 2 is the same as without the interruption
+        if key.startswith("time/"):  # wall-clock seconds, the one thing allowed to differ
+            continue
         assert rows[1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     a = load_file(out / "checkpoints" / "checkpoint-2" / "lora.safetensors")
     b = load_file(resumed / "checkpoints" / "checkpoint-2" / "lora.safetensors")
