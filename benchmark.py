@@ -30,6 +30,7 @@ import torch
 
 import grpo
 import hunyuan
+import profiling
 import sde
 
 
@@ -53,19 +54,6 @@ def parse_args():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def bf16_peak_tflops(device) -> float:
-    """Dense bf16 matmul throughput of this device (8192^3, mean of 10 after 3 warm-ups)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    sync(device)
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
 
 
 def build(args, device, dtype):
@@ -137,7 +125,7 @@ def main():
     # FLOPs of one forward row, and the device's measured bf16 peak
     per_row = forward_flops_per_row(model, x_T, cond)
     result["forward_tflop_per_row"] = per_row / 1e12
-    result["bf16_peak_tflops"] = bf16_peak_tflops(device) if device.type == "cuda" else None
+    result["bf16_peak_tflops"] = profiling.measured_bf16_peak(device) if device.type == "cuda" else None
 
     # 1. attention backends on one batched CFG forward (2G rows)
     timings = {}
