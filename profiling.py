@@ -131,14 +131,14 @@ def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
     per_row = forward_flops_per_row(accelerator.unwrap_model(model), timer.example) if timer.example else 0.0
     timer.paused = False
     record = {"step": step + 1, "total_s": total, "phases": {}}
-    print(f"\nprofile step {step + 1}: {'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}{'bwd':>5}{'rows':>7}"
-          + (f"{'TFLOP/s':>9}{'MFU':>7}" if cuda else ""))
+    head = f"{'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}{'bwd':>5}{'rows':>7}"
+    print(f"\nprofile step {step + 1}: {head}" + (f"{'TFLOP/s':>9}{'MFU':>7}" if cuda else ""))
     for phase, wall in timer.wall.items():
         m, rows = timer.model_time.get(phase, 0.0), timer.rows.get(phase, 0)
+        calls, backwards = timer.calls.get(phase, 0), timer.backwards.get(phase, 0)
         flops = rows * per_row * (3 if phase == "train" else 1)  # forward + backward (2x) in training
-        line = f"{'':>20}{phase:<11}{wall:9.3f}{m:9.3f}{m / wall if wall else 0:7.2f}{timer.calls.get(phase, 0):7d}{timer.backwards.get(phase, 0):5d}{rows:7d}"
-        entry = {"wall_s": wall, "model_s": m, "calls": timer.calls.get(phase, 0),
-                 "backwards": timer.backwards.get(phase, 0), "rows": rows, "flops": flops}
+        line = f"{'':>20}{phase:<11}{wall:9.3f}{m:9.3f}{m / wall if wall else 0:7.2f}{calls:7d}{backwards:5d}{rows:7d}"
+        entry = {"wall_s": wall, "model_s": m, "calls": calls, "backwards": backwards, "rows": rows, "flops": flops}
         if cuda and m > 0:
             entry["tflops"] = flops / m / 1e12
             entry["mfu"] = entry["tflops"] / measured_bf16_peak(accelerator.device)

@@ -5,6 +5,7 @@ region and the self-paced reward curriculum, on any number of GPUs through Accel
         --reward videoalign --reward_model <VideoReward dir> --reward_prompt_template <rubric.txt>
     accelerate launch --config_file configs/fsdp2_full.yaml train.py --backbone hunyuan15 --full ...
     python train.py --backbone tiny --max_steps 20            # CPU, seconds: the same code on tiny models
+    python train.py --backbone small --max_steps 4 --profile  # CPU profile (README "Performance")
 
 Each iteration runs five phases (SPEC §4), each a few calls into the concept modules:
     1. sample     B/P prompts x G videos per process, K SDE steps with log-probs        sde.rollout
@@ -32,6 +33,12 @@ Deviations / choices
    same prompts and seeds are measured once before training and stored with the checkpoints.
 7. The reward of a validation video uses the raw components with equal weights (`val/total`), so it is
    comparable across curriculum stages.
+8. Parameters no gradient can reach (the last block's text-stream outputs) are frozen before `prepare`
+   (hunyuan.freeze_unreachable): DDP would reject them and FSDP2 checkpoints would lack their optimizer state.
+9. An update accumulates its micro-batches with `accelerator.accumulate`, so DDP syncs once per update and
+   DeepSpeed steps once per update; DeepSpeed's micro-batch, accumulation steps and clipping are set from
+   the options before `prepare` (there is no DataLoader to infer them from).
+10. LoRA runs with DDP only; FSDP and DeepSpeed are for `--full` (they would checkpoint the whole model).
 """
 from __future__ import annotations
 
