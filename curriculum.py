@@ -13,7 +13,7 @@ Three variants share one interface, `reward(scores, G) -> (rtilde, stats)` plus 
     static      fixed weights (baseline; [SAGE] Setting B uses VQ 0.5, MQ 0.5, TA 1.0)
     taros       the v4 equations above, literally
     self_paced  (default) the v1 stage reading:
-        competence c_j = EMA over optimizer steps of the batch-mean score of component j
+        competence c_j = EMA over iterations of the batch-mean score of component j
         gates      p_1 = h(c_1 - tau_1),  p_2 = h(c_2 - tau_2)
         stages     g = (1 - p_1,  p_1 (1 - p_2),  p_1 p_2)         soft "which stage are we in"
         weights    w = (1 - floor) g + floor / 3                   a mastered component is not forgotten
@@ -23,7 +23,7 @@ Conventions
 -----------
 - scores: (N, 3) in [0, 1], columns in COMPONENTS order; groups are consecutive rows of size G.
 - `reward` is a pure function of the scores and the current state; `update` changes the state once per
-  optimizer step with the batch mean gathered over all processes, so every process holds the same
+  iteration (rollout batch) with the batch mean gathered over all processes, so every process holds the same
   curriculum (train.py calls it after a [dist] gather).
 
 Deviations / choices
@@ -35,16 +35,21 @@ Deviations / choices
 3. A third threshold for taros: tau_3 = tau_2 (the paper lists two for HunyuanVideo).
 4. The Hoyer measure of an all-zero vector (and of G = 1) is defined as 0: no spread to exploit.
 5. Competence starts at the first observed batch mean, not at 0, so the first stages are not decided
-   by an arbitrary initial value; the EMA decay is 0.9 per optimizer step.
+   by an arbitrary initial value; the EMA decay is 0.9 per iteration.
 6. Thresholds are absolute scores in [0, 1]; the toy sets them relative to the base policy's scores.
 7. Hoyer S_j uses the raw scores; the Hoyer measure is scale invariant, so sigmoid-mapped scores
    that sit near a constant give S near 0, which is the intended "no longer separates" signal.
+8. A component whose batch mean is not finite (its reward model failed on every sample) leaves its
+   competence unchanged, with a warning; the samples' own NaN scores already zero their groups' advantages.
+9. train.py folds each iteration's batch mean into the competence before mixing that iteration's rewards,
+   so the weights respond to the batch they score; the toy does the same.
 
 Run: `python -m pytest tests/test_curriculum.py -q`.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -163,14 +168,18 @@ class SelfPacedCurriculum:
         return (r * w[:, None]).sum(-1).view(-1), stats
 
     def update(self, batch_mean: torch.Tensor) -> None:
-        """Fold one optimizer step's batch-mean scores (3,) into the competence EMA."""
+        """Fold one iteration's batch-mean scores (3,) into the competence EMA (Deviations 8 for NaN)."""
         batch_mean = batch_mean.detach().float().cpu()
-        if not bool(torch.isfinite(batch_mean).all()):
-            raise ValueError(f"non-finite batch-mean scores {batch_mean.tolist()} reached the curriculum")
+        finite = torch.isfinite(batch_mean)  # (3,)
+        if not bool(finite.all()):
+            warnings.warn(f"non-finite batch-mean scores {batch_mean.tolist()}: those components keep their competence")
         if not self.initialized:
+            if not bool(finite.all()):
+                return  # wait for a batch that scores every component
             self.competence, self.initialized = batch_mean.clone(), True
         else:
-            self.competence = self.decay * self.competence + (1 - self.decay) * batch_mean
+            ema = self.decay * self.competence + (1 - self.decay) * batch_mean
+            self.competence = torch.where(finite, ema, self.competence)
 
     def state_dict(self) -> dict:
         return {"competence": self.competence.tolist(), "initialized": self.initialized}

@@ -10,11 +10,15 @@ Definitions (README "Performance")
   first call's inputs), x3 in training (backward = 2 forwards; gradient checkpointing's recomputation is not
   credited), divided by model time and by the bf16 matmul throughput measured on the same device.
 
-Choices
+Deviations / choices
 1. Without --profile the timer adds no hooks and no device syncs; wall times per phase are still logged
    (time/<phase> in metrics.jsonl), so on GPU they include queued work of earlier phases.
 2. With --profile every phase boundary and model call synchronises the device, so GPU time lands in the
    phase that launched it; this costs a little throughput and is for measuring only.
+3. The FLOP count runs one extra forward on one row, on every process (under FSDP a forward is collective).
+
+Run: `python train.py --backbone small --max_steps 4 --validation_steps 0 --profile`; tested by the call
+counts in `tests/test_train.py`.
 """
 from __future__ import annotations
 
@@ -87,7 +91,6 @@ class PhaseTimer:
         self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - t
 
 
-
 _FLOPS_PER_ROW: dict = {}  # measured once per run: FLOPs of one forward row (FlopCounterMode)
 _PEAK: dict = {}  # measured once per run: the device's dense bf16 matmul TFLOP/s
 
@@ -123,13 +126,13 @@ def measured_bf16_peak(device) -> float:
 
 def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
     """The --profile table for one iteration, also appended to profile.jsonl; last line `overhead: X% ...`."""
+    timer.paused = True  # the FLOP count's own forward is not part of the iteration; all processes run it
+    per_row = forward_flops_per_row(accelerator.unwrap_model(model), timer.example) if timer.example else 0.0
+    timer.paused = False
     if not accelerator.is_main_process:
         return
     inside = sum(timer.model_time.values())
     cuda = accelerator.device.type == "cuda"
-    timer.paused = True  # the FLOP count's own forward is not part of the iteration
-    per_row = forward_flops_per_row(accelerator.unwrap_model(model), timer.example) if timer.example else 0.0
-    timer.paused = False
     record = {"step": step + 1, "total_s": total, "phases": {}}
     head = f"{'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}{'bwd':>5}{'rows':>7}"
     print(f"\nprofile step {step + 1}: {head}" + (f"{'TFLOP/s':>9}{'MFU':>7}" if cuda else ""))

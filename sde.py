@@ -214,7 +214,7 @@ class Trajectory:
     mu: torch.Tensor  # (N, K, ...) the rollout policy's means, mu_old for the step-wise KL
     std: torch.Tensor  # (K,) per-step std (0 for deterministic steps)
     logp: torch.Tensor  # (N, K) logp_old; 0 where the step is deterministic
-    sigmas: torch.Tensor  # (K+1,)
+    sigmas: torch.Tensor  # (K+1,) on the latents' device, so training indexes it without a host copy
 
     @property
     def is_stochastic(self) -> torch.Tensor:
@@ -233,7 +233,7 @@ class Trajectory:
     def at(self, t: torch.Tensor):
         """Sample i's stored step t[i]: (x_t, x_next, sigma, sigma_next, mu_old, logp_old), each (N, ...)."""
         rows = torch.arange(len(t), device=t.device)
-        sigmas = self.sigmas.to(self.latents.device)
+        sigmas = self.sigmas.to(self.latents.device)  # a no-op for rollout() output (already there)
         return (self.latents[rows, t], self.latents[rows, t + 1], sigmas[t], sigmas[t + 1],
                 self.mu[rows, t], self.logp[rows, t])
 
@@ -274,5 +274,5 @@ def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator
         mu=torch.stack(mus, 1),  # (N, K, ...)
         std=torch.stack(stds).cpu(),  # (K,)  one device-to-host copy per rollout
         logp=torch.stack(logps, 1),  # (N, K)
-        sigmas=sigmas,
+        sigmas=sigmas_dev,
     )

@@ -13,8 +13,11 @@ Each iteration runs five phases (SPEC §4), each a few calls into the concept mo
     3. advantage  normalise within each prompt's group of G (groups never straddle processes)     grpo
     4. update     every stochastic step of every sample, equalized clipped loss + dual KL  grpo, trust_region
     5. log        metrics.jsonl, metrics.png, validation videos, checkpoints
-Lines that exist only for distributed training are tagged `# [dist]`; deleting them leaves correct
-single-process code. The model plumbing (loading, text encoding, CFG, decoding) is in hunyuan.py.
+Lines that involve Accelerate or other processes are tagged `# [dist]`; each has an obvious single-process
+reading (gather = the tensor itself, accumulate/backward = loss.backward(), this process = all prompts).
+The model plumbing (loading, text encoding, CFG, decoding) is in hunyuan.py; profiling.py times the phases.
+Units: a "step" in the logs and `--max_steps` is an iteration (one rollout batch); `--anchor_every` and
+`--kl_ramp_steps` count optimizer updates (`--updates_per_rollout` per iteration, default 1).
 
 Deviations / choices
 --------------------
@@ -24,11 +27,16 @@ Deviations / choices
 2. Rollout noise is drawn from one generator per sample, seeded by (seed, step, global sample index):
    samples do not depend on the number of processes or on micro-batching, and resuming replays them.
 3. One rollout batch feeds `--updates_per_rollout` optimizer steps (default 1, fully on-policy); the
-   trained steps of each sample are split between them.
-4. A step whose gradient norm is not finite is reported and skipped (gradients zeroed, no optimizer step
-   and no anchor tick); three in a row stop the run with advice.
+   trained steps of each sample are split between them. With 1, the step-wise KL is 0 by construction
+   (the policy is the rollout policy during its only update); it acts from the second update on. The
+   anchor period must be a multiple of it, so the anchor means computed at rollout time stay valid.
+4. An update whose gradient norm is not finite is reported and skipped (gradients zeroed, no optimizer
+   step; the anchor still counts the slot); three in a row stop the run with advice. Not under DeepSpeed:
+   its engine clips and steps inside the last backward. fp16 is refused (NaN log-probs, SPEC §8): use bf16.
 5. LoRA checkpoints hold the adapter only (safetensors), not the 8.3 B frozen weights; the moving
-   anchor is saved per process, because with FSDP each process holds its own shard of it.
+   anchor is saved once, or per process under FSDP, where each process holds its own shard of it.
+   Checkpoints are written by the main process and read by all: several nodes need a shared filesystem.
+   A resume must use the options the checkpoint was saved with (METHOD_FIELDS); it then replays exactly.
 6. Validation samples use the ODE (eta = 0) on fixed prompts and seeds; the base policy's scores on the
    same prompts and seeds are measured once before training and stored with the checkpoints.
 7. The reward of a validation video uses the raw components with equal weights (`val/total`), so it is
@@ -97,13 +105,13 @@ class Config:
     timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of steps trained; [SAGE] 1.0, [Dance] 0.6"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip on the mean-reduced ratio ([FlowGRPO] 1e-4)"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clip ([FlowGRPO] 5)"})
-    anchor_every: int = field(default=10, metadata={"help": "moving-anchor period in updates; 0 = fixed reference"})
+    anchor_every: int = field(default=10, metadata={"help": "moving-anchor period in optimizer updates; 0 = fixed reference"})
     beta_pos: float = field(default=1.0, metadata={"help": "position KL weight ([SAGE] 1.0)"})
     beta_vel: float = field(default=0.1, metadata={"help": "step-wise KL weight ([SAGE] 0.1)"})
     kl_start: float = field(default=1e-7, metadata={"help": "lambda_KL stage 1 ([SAGE])"})
     kl_end: float = field(default=1e-5, metadata={"help": "lambda_KL stage 2 ([SAGE])"})
-    kl_ramp_steps: int = field(default=100, metadata={"help": "updates over which lambda_KL ramps"})
-    updates_per_rollout: int = field(default=1, metadata={"help": "optimizer steps fed by one rollout batch"})
+    kl_ramp_steps: int = field(default=100, metadata={"help": "optimizer updates over which lambda_KL ramps"})
+    updates_per_rollout: int = field(default=1, metadata={"help": "optimizer steps fed by one rollout batch (Deviations 3)"})
     # reward (SPEC §6)
     reward: Optional[str] = field(default=None, metadata={"help": "'videoalign' (hunyuan15 default) or 'proxy' (tiny default)"})
     reward_model: Optional[str] = field(default=None, metadata={"help": "VideoReward folder or hub id; 'tiny' = random tiny model"})
@@ -118,7 +126,7 @@ class Config:
     learning_rate: Optional[float] = field(default=None, metadata={"help": "default 3e-4 LoRA ([FlowGRPO]), 1e-5 full ([SAGE])"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay ([FlowGRPO])"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "[SAGE] 1.0"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=300, metadata={"help": "iterations (rollout batches); each makes --updates_per_rollout optimizer steps"})
     seed: int = field(default=0, metadata={"help": "everything random derives from it"})
     # outputs
     output_dir: str = field(default="outputs/grpo", metadata={"help": "checkpoints, metrics, samples"})
@@ -156,6 +164,17 @@ def read_prompts(path: Optional[str], default: list[str]) -> list[str]:
     return prompts
 
 
+def parse_floats(text: str, n: int, name: str) -> list[float]:
+    """'0.5,0.5,1.0' -> [0.5, 0.5, 1.0], or a ValueError that names the option."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise ValueError(f"{name} {text!r}: expected {n} comma-separated numbers")
+    return values
+
+
 def resolve(cfg: Config, num_processes: int) -> Config:
     """Fill backbone presets and check every option before any model is loaded (fail in seconds)."""
     if cfg.backbone not in hunyuan.BACKBONES:
@@ -181,6 +200,20 @@ def resolve(cfg: Config, num_processes: int) -> Config:
         import videoalign
 
         raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
+    if cfg.eta <= 0:
+        raise ValueError(f"--eta {cfg.eta}: must be > 0 (eta = 0 is the deterministic ODE, which has no log-prob to train)")
+    if not 0 < cfg.timestep_fraction <= 1:
+        raise ValueError(f"--timestep_fraction {cfg.timestep_fraction} must be in (0, 1]")
+    k_stochastic = cfg.num_steps - 1 if cfg.sde == "cps" else cfg.num_steps  # cps's last step is deterministic
+    k_train = math.ceil(cfg.timestep_fraction * k_stochastic)
+    if cfg.updates_per_rollout < 1 or k_train % cfg.updates_per_rollout:
+        raise ValueError(f"--updates_per_rollout {cfg.updates_per_rollout} must divide the {k_train} trained steps")
+    if cfg.anchor_every < 0 or cfg.anchor_every % cfg.updates_per_rollout:
+        raise ValueError(f"--anchor_every {cfg.anchor_every} must be >= 0 (0 = fixed anchor) and a multiple of "
+                         f"--updates_per_rollout {cfg.updates_per_rollout}, so the anchor moves between rollouts")
+    parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau"), parse_floats(cfg.static_weights, 3, "--static_weights")
+    if cfg.max_steps < 1 or cfg.checkpoints_total_limit < 1:
+        raise ValueError("--max_steps and --checkpoints_total_limit must be >= 1")
     if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
         raise FileNotFoundError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder")
     if cfg.learning_rate is None:
@@ -260,7 +293,7 @@ def main(cfg: Config) -> list[dict]:
     shift = cfg.shift if cfg.shift is not None else backbone.shift
     sigmas = sde.sigma_schedule(cfg.num_steps, shift)  # (K+1,)
     stochastic = sde.step_variances(sigmas, cfg.sde, cfg.eta) > 0  # (K,) validates the schedule too
-    S = sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()  # (K,)
+    S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()).to(device)  # (K,)
 
     text = hunyuan.PromptCache(backbone)  # every prompt encoded once; then the encoders leave the GPU
     text(train_prompts + val_prompts)
@@ -275,10 +308,8 @@ def main(cfg: Config) -> list[dict]:
         model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
-    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))
-    if k_train % cfg.updates_per_rollout:
-        raise ValueError(f"--updates_per_rollout {cfg.updates_per_rollout} must divide the {k_train} trained steps")
-    accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)
+    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # as resolve() checked it
+    accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)  # [dist]
     if deepspeed:  # [dist] no DataLoader tells DeepSpeed these (configs/deepspeed_zero2.yaml leaves them out)
         accelerator.state.deepspeed_plugin.deepspeed_config.update({
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
@@ -286,15 +317,15 @@ def main(cfg: Config) -> list[dict]:
     model, optimizer = accelerator.prepare(model, optimizer)  # [dist]
     params = [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP replaces the tensors
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
-    tau = tuple(float(x) for x in cfg.curriculum_tau.split(","))
-    cur = {"self_paced": lambda: curriculum.SelfPacedCurriculum(tau=tau, k=cfg.curriculum_k, beta=cfg.curriculum_beta),
-           "taros": lambda: curriculum.TarosCurriculum(tau=tau, beta=cfg.curriculum_beta, k=cfg.curriculum_k),
-           "static": lambda: curriculum.StaticCurriculum([float(x) for x in cfg.static_weights.split(",")])}[cfg.curriculum]()
+    tau = tuple(parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau"))
+    cur = curriculum.build_curriculum(cfg.curriculum, **(
+        {"weights": parse_floats(cfg.static_weights, 3, "--static_weights")} if cfg.curriculum == "static"
+        else {"tau": tau, "k": cfg.curriculum_k, "beta": cfg.curriculum_beta}))
     scorer = (rewards.build_reward("proxy") if cfg.reward == "proxy" else rewards.build_reward(
         "videoalign", path=cfg.reward_model or "KwaiVGI/VideoReward", prompt_template_file=cfg.reward_prompt_template,
         device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32, batch_size=cfg.reward_batch_size))
     timer = profiling.PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
-    accelerator.print(  # one line a user can check before the first (long) iteration
+    accelerator.print(  # [dist] one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
         f"trained_steps={k_train} G={cfg.group_size} "
         f"batch/process={cfg.batch_size} num_processes={world} precision={accelerator.mixed_precision} "
@@ -339,14 +370,18 @@ def main(cfg: Config) -> list[dict]:
     if resume:
         state = load_checkpoint(resume, accelerator, model, cfg, anchor, cur)
         start_step = state["step"]
-    base_val = state.get("base_val") or (validate("base") if cfg.validation_steps else {})  # Deviations 6: once, before any update
+    if "base_val" in state:  # Deviations 6: the base policy is measured once, before any update
+        base_val = state["base_val"]
+    else:
+        base_val = validate("base") if cfg.validation_steps and not resume else {}
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")  # one row of scalars per step (README)
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # per-sample prompts, scores, rewards, advantages
     history = []
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # [dist]
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
-        for path in (metrics_path, samples_path):  # keep the rows up to the resumed step, drop any after it
+        profile_path = os.path.join(cfg.output_dir, "profile.jsonl")
+        for path in (metrics_path, samples_path, profile_path):  # keep rows up to the resumed step, drop the rest
             rows = []
             if os.path.exists(path):
                 with open(path) as f:
@@ -357,7 +392,7 @@ def main(cfg: Config) -> list[dict]:
 
     # ---- loop -------------------------------------------------------------------------------------
     N = cfg.batch_size  # videos on this process
-    skipped_in_a_row = 0
+    skipped_in_a_row = state.get("skipped_in_a_row", 0)
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=not accelerator.is_local_main_process, desc="GRPO")  # [dist]
     for step in bar:
@@ -388,8 +423,8 @@ def main(cfg: Config) -> list[dict]:
         A = grpo.group_advantages(mixed, cfg.group_size, clip=cfg.adv_clip)  # (N,)
 
         # 4. update: every trained step of every sample; anchor means first, at rollout time
-        steps = grpo.select_timesteps(N, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
-            derive_seed(cfg.seed, step, rank, "timesteps"))).to(device)  # (N, K_train)
+        steps = grpo.select_timesteps(N * world, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
+            derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
         micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
         embeds = text(prompts)
         with timer("anchor"):
@@ -423,7 +458,6 @@ def main(cfg: Config) -> list[dict]:
                 grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
                 if torch.isfinite(grad_norm) or deepspeed:
                     optimizer.step()
-                    anchor.step()
                     skipped_in_a_row = 0
                 else:  # Deviations 4
                     warnings.warn(f"step {step}: non-finite gradient norm; update skipped")
@@ -431,6 +465,7 @@ def main(cfg: Config) -> list[dict]:
                     if skipped_in_a_row >= 3:
                         raise FloatingPointError("three updates in a row had non-finite gradients: lower "
                                                  "--learning_rate, check the reward scores, use bf16 not fp16")
+                anchor.step()  # counts update slots, skipped ones too, so refreshes fall between rollouts
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(float(grad_norm))
 
@@ -444,12 +479,15 @@ def main(cfg: Config) -> list[dict]:
             row["adv/abs_mean"] = all_A.abs().mean().item()
             mean_st = {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), "mean").item()  # [dist]
                        for k in stats[0]}
-            row.update({"train/ratio_mean": mean_st["ratio_mean"], "train/first_ratio_dev": stats[0]["ratio_dev_max"].item(),
+            first_dev = accelerator.gather(stats[0]["ratio_dev_max"].reshape(1)).max().item()  # [dist] every process
+            row.update({"train/ratio_mean": mean_st["ratio_mean"], "train/first_ratio_dev": first_dev,
                         "train/clipfrac_high": mean_st["clipfrac_high"], "train/clipfrac_low": mean_st["clipfrac_low"],
                         "train/approx_kl": mean_st["approx_kl"], "train/policy_loss": mean_st["policy_loss"],
-                        "kl/pos": mean_st["kl_pos"], "kl/vel": mean_st["kl_vel"], "train/grad_norm": max(grad_norms)})
-            row.update({f"curriculum/{k.replace('/', '_')}": v for k, v in cstats.items()})
-            row.update({f"time/{phase}": seconds for phase, seconds in timer.wall.items() if phase != "log"})
+                        "kl/pos": mean_st["kl_pos"], "kl/vel": mean_st["kl_vel"],
+                        "train/grad_norm": max(grad_norms, key=lambda g: g if math.isfinite(g) else math.inf)})
+            cvals = accelerator.reduce(torch.tensor(list(cstats.values()), device=device), "mean")  # [dist] all groups
+            row.update({f"curriculum/{k.replace('/', '_')}": v for k, v in zip(cstats, cvals.tolist())})
+            row.update({f"time/{phase}": seconds for phase, seconds in timer.wall.items()})
             if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
                 val = validate(f"step{step + 1:06d}")
                 row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
@@ -459,15 +497,16 @@ def main(cfg: Config) -> list[dict]:
                     f.write(json.dumps({"step": step + 1, "prompt": all_prompts, "scores": all_scores.tolist(),
                                         "reward": all_mixed.tolist(), "advantage": all_A.tolist()}) + "\n")
                 history.append(row)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                with open(metrics_path, "a") as f:  # a non-finite value is written as null (warned where it arose)
+                    f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                        for k, v in row.items()}) + "\n")
                 if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.3 s
                     plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
             bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
         with timer("checkpoint"):
             if (cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0) or step + 1 == cfg.max_steps:
                 save_checkpoint(os.path.join(ckpt_root, f"checkpoint-{step + 1}"), accelerator, model, cfg, anchor, cur,
-                                {"step": step + 1, "base_val": base_val})
+                                {"step": step + 1, "base_val": base_val, "skipped_in_a_row": skipped_in_a_row})
         if cfg.profile:
             profiling.print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
     accelerator.end_training()  # [dist]
@@ -478,6 +517,28 @@ def main(cfg: Config) -> list[dict]:
 # Checkpoints: accelerate's state (optimizer, RNG, full weights) + LoRA adapter + anchor + curriculum
 
 
+# Options that define the run: a resume must not change them (the rest, e.g. max_steps, output paths,
+# validation and checkpoint frequency, micro-batch size, may change).
+METHOD_FIELDS = ("backbone", "full", "lora_rank", "lora_alpha", "num_frames", "height", "width", "sde", "eta",
+                 "num_steps", "shift", "guidance", "group_size", "batch_size", "equalizer", "timestep_fraction",
+                 "clip_range", "adv_clip", "anchor_every", "beta_pos", "beta_vel", "kl_start", "kl_end",
+                 "kl_ramp_steps", "updates_per_rollout", "reward", "curriculum", "curriculum_tau", "curriculum_k",
+                 "curriculum_beta", "static_weights", "learning_rate", "weight_decay", "max_grad_norm", "seed")
+
+
+def method_fields(cfg: Config, num_processes: int) -> dict:
+    return {**{k: getattr(cfg, k) for k in METHOD_FIELDS}, "num_processes": num_processes}
+
+
+def sharded_anchor(accelerator) -> bool:
+    """Under FSDP every process holds a different shard of the anchor; otherwise all hold the same copy."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def anchor_file(accelerator) -> str:
+    return f"anchor_rank{accelerator.process_index}.pt" if sharded_anchor(accelerator) else "anchor.pt"
+
+
 def save_checkpoint(path, accelerator, model, cfg, anchor, cur, state) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -486,10 +547,12 @@ def save_checkpoint(path, accelerator, model, cfg, anchor, cur, state) -> None:
     if accelerator.is_main_process and not cfg.full:  # Deviations 5: the adapter is the whole model delta
         lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
         save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, os.path.join(path, "lora.safetensors"))
-    torch.save(anchor.state_dict(), os.path.join(path, f"anchor_rank{accelerator.process_index}.pt"))  # [dist]
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or sharded_anchor(accelerator):  # [dist] FSDP: each process its own shard
+        torch.save(anchor.state_dict(), os.path.join(path, anchor_file(accelerator)))
+    if accelerator.is_main_process:  # [dist]
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({**state, "curriculum": cur.state_dict()}, f)
+            json.dump({**state, "curriculum": cur.state_dict(),
+                       "config": method_fields(cfg, accelerator.num_processes)}, f)
         root = os.path.dirname(path)  # keep the newest `checkpoints_total_limit`
         old = sorted((int(d.split("-")[1]), d) for d in os.listdir(root) if d.startswith("checkpoint-"))
         for _, d in old[: max(len(old) - cfg.checkpoints_total_limit, 0)]:
@@ -503,10 +566,15 @@ def load_checkpoint(path, accelerator, model, cfg, anchor, cur) -> dict:
 
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
+    changed = {k: (state["config"].get(k), v) for k, v in method_fields(cfg, accelerator.num_processes).items()
+               if state["config"].get(k) != v}
+    if changed:  # a resumed run must be the same run; anything else is a new run from these weights
+        raise ValueError(f"--resume_from_checkpoint {path}: options differ from the checkpoint's (saved, now): "
+                         f"{changed}; resume with the options it was saved with")
     accelerator.load_state(path)  # [dist]
     if not cfg.full:
         set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(os.path.join(path, "lora.safetensors")))
-    anchor.load_state_dict(torch.load(os.path.join(path, f"anchor_rank{accelerator.process_index}.pt"), weights_only=True))
+    anchor.load_state_dict(torch.load(os.path.join(path, anchor_file(accelerator)), weights_only=True))
     cur.load_state_dict(state["curriculum"])
     return state
 

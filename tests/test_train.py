@@ -57,7 +57,7 @@ def test_two_steps_leave_checkpoints_metrics_and_videos(two_steps):
     for step in (1, 2):
         ckpt = out / "checkpoints" / f"checkpoint-{step}"
         assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
-        assert (ckpt / "anchor_rank0.pt").is_file() and (ckpt / "optimizer.bin").is_file()
+        assert (ckpt / "anchor.pt").is_file() and (ckpt / "optimizer.bin").is_file()
         lora = load_file(ckpt / "lora.safetensors")
         assert lora and all("lora_" in k for k in lora)
         # LoRA B starts at zero; after an update the saved adapter holds the trained values
@@ -111,7 +111,7 @@ def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     assert len(read_jsonl(tmp_path / "two" / "metrics.jsonl")) == 2  # a second update after a synced one
     two = read_jsonl(tmp_path / "two" / "samples.jsonl")[0]
     # The same 8 videos in one process: samples depend only on (seed, step, global index), not on the split.
-    run(tmp_path / "one", "--max_steps", 1, "--batch_size", 8, "--validation_steps", 0)
+    run(tmp_path / "one", "--max_steps", 2, "--batch_size", 8, "--validation_steps", 0)
     one = read_jsonl(tmp_path / "one" / "samples.jsonl")[0]
     assert two["prompt"] == one["prompt"] and len(two["prompt"]) == 8
     torch.testing.assert_close(torch.tensor(two["scores"]), torch.tensor(one["scores"]), atol=1e-5, rtol=0)
@@ -120,6 +120,12 @@ def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     expected = grpo.group_advantages(torch.tensor(two["reward"]), group_size=4)
     torch.testing.assert_close(torch.tensor(two["advantage"]), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(two["advantage"]), torch.tensor(one["advantage"]), atol=1e-4, rtol=0)
+    # DDP syncs the two processes' gradients: after two updates the adapter equals the one-process run's.
+    # Measured max difference 7.5e-7 (Adam magnifies float noise in near-zero gradients); without the sync,
+    # each process would follow its own half-batch gradient and differ by up to 2 x lr = 6e-4.
+    a = load_file(tmp_path / "two" / "checkpoints" / "checkpoint-2" / "lora.safetensors")
+    b = load_file(tmp_path / "one" / "checkpoints" / "checkpoint-2" / "lora.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=0) for k in a)
 
 
 def test_videoalign_reward_scores_the_rollout_it_is_given(tmp_path):
@@ -183,6 +189,12 @@ def test_transformer_calls_are_the_methods_minimum(tmp_path, args, K, k_train, m
     (["--prompts", "{tmp}/empty.txt"], ValueError, "holds no prompts"),
     (["--resume_from_checkpoint", "{tmp}/nowhere"], FileNotFoundError, "is not a folder"),
     (["--reward", "videoalign"], ValueError, "needs --reward_prompt_template"),
+    (["--eta", "0"], ValueError, "must be > 0"),
+    (["--timestep_fraction", "1.5"], ValueError, "must be in"),
+    (["--updates_per_rollout", "3"], ValueError, "must divide the 4 trained steps"),
+    (["--updates_per_rollout", "2", "--anchor_every", "3"], ValueError, "a multiple of --updates_per_rollout 2"),
+    (["--curriculum_tau", "0.7"], ValueError, "expected 2 comma-separated numbers"),
+    (["--static_weights", "a,b,c"], ValueError, "expected 3 comma-separated numbers"),
     (["--backbone", "hunyuan15", "--reward", "proxy"], RuntimeError, "hf download"),  # offline, no weights
     (["--backbone", "hunyuan15", "--reward", "proxy", "--num_frames", "32"], ValueError, re.escape("4k+1")),
 ])
@@ -210,3 +222,21 @@ def test_readme_defines_every_logged_metric(two_steps):
         generic = re.sub(r"(visual|temporal|semantic)$", "<component>", key)
         generic = re.sub(r"^time/\w+$", "time/<phase>", generic)
         assert generic in defined, f"metric {key!r} is not defined in README.md"
+
+
+def test_two_updates_per_rollout_move_the_anchor_and_the_step_wise_kl(tmp_path):
+    """--updates_per_rollout 2: the trained steps are split over two optimizer steps, so the second sees a
+    changed policy (step-wise KL > 0, ratios off 1) while the first is still exactly on-policy, and the anchor
+    (period 2 updates) refreshes once per iteration."""
+    rows = run(tmp_path, "--max_steps", 2, "--validation_steps", 0, "--updates_per_rollout", 2, "--anchor_every", 2,
+               "--learning_rate", 1e-2)
+    assert [r["anchor/refreshes"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["train/first_ratio_dev"] < 1e-6 and r["kl/vel"] > 0 and r["train/ratio_mean"] != 1.0
+
+
+def test_resume_refuses_changed_options(two_steps, tmp_path):
+    out, _ = two_steps
+    with pytest.raises(ValueError, match="options differ from the checkpoint's.*'eta': \\(0.5, 0.7\\)"):
+        run(tmp_path, "--max_steps", 3, "--eta", 0.7,
+            "--resume_from_checkpoint", out / "checkpoints" / "checkpoint-2")

@@ -119,12 +119,12 @@ class VelocityMLP(nn.Module):
 def pretrain(frames: int, steps: int, cache: str | None, seed: int = 0) -> VelocityMLP:
     """Flow matching on clips whose prompt label is right 30 % of the time; cached on disk (safetensors-free
     plain state dict, loaded with weights_only=True)."""
+    torch.manual_seed(seed)  # the MLP's initial weights: before building it, so a fresh pretrain is reproducible
     net = VelocityMLP(2 * frames)
     if cache and os.path.exists(cache):
         net.load_state_dict(torch.load(cache, weights_only=True))
         return net
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
@@ -203,8 +203,8 @@ def train_variant(base: VelocityMLP, v: Variant, args, tau) -> dict:
         # 2. reward: three components, mixed by the curriculum
         x_final = traj.latents[:, -1].view(N, args.frames, 2)
         scores = toy_scores(x_final, prompts)  # (N, 3)
+        cur.update(scores.mean(0))  # competence includes this batch, then the weights follow (as train.py)
         reward, cstats = cur.reward(scores, G)
-        cur.update(scores.mean(0))
         # 3. advantage within each prompt's group
         A = grpo.group_advantages(reward, G)
         # 4. update: every stochastic step, a random order per sample, split over 2 optimizer steps
