@@ -1,7 +1,7 @@
 """The 2-D toy: the project's own sde / grpo / trust_region / curriculum code on a problem small enough to see.
 
     python toy/run.py            # ~1-2 min on a 2-core laptop CPU; figures + summary.json in toy/out/
-    python toy/run.py --quick    # a few seconds, for tests
+    python toy/run.py --quick    # ~20 s, for tests
 
 Setting (SPEC §7)
 -----------------
@@ -370,7 +370,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     p.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache"))
-    p.add_argument("--quick", action="store_true", help="small run for tests (a few seconds)")
+    p.add_argument("--quick", action="store_true", help="small run for tests (~20 s on 2 cores)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--prompts_per_iter", type=int, default=16)
