@@ -17,7 +17,8 @@ Choices (stated in the README next to the numbers):
 2. Attention backends are compared on one batched forward each; the fastest runs the full measurement.
 3. `--train_timesteps` of the K trained timesteps are timed and the training step is scaled to K
    (every trained timestep costs the same forward + backward), to fit a 15-minute device budget. The
-   printed line says so.
+   printed line says so. `--train_variants` times other micro-batch sizes and gradient checkpointing off
+   (train.py: `--micro_batch_size`, `--gradient_checkpointing False`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def parse_args():
     p.add_argument("--width", type=int, default=576)
     p.add_argument("--group_size", type=int, default=4, help="G videos of one prompt, batched")
     p.add_argument("--num_steps", type=int, default=16, help="K")
-    p.add_argument("--train_micro_batch", type=int, default=1, help="samples per training forward")
+    p.add_argument("--train_variants", default="1:ckpt",
+                   help="comma-separated micro_batch:ckpt|nockpt training setups to time (the first is reported)")
     p.add_argument("--train_timesteps", type=int, default=4, help="trained timesteps timed (scaled to K)")
     p.add_argument("--text_tokens", type=int, default=64, help="valid Qwen tokens of the prompt")
     p.add_argument("--backends", default="native,_native_cudnn,_native_efficient",
@@ -106,7 +108,6 @@ def main():
     result["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     lora_params = hunyuan.add_lora(model, rank=32, alpha=64)
     result["lora_params_m"] = sum(p.numel() for p in lora_params) / 1e6
-    model.enable_gradient_checkpointing()  # as train.py for hunyuan15 (only active under grad)
     optimizer = torch.optim.AdamW(lora_params, lr=3e-4, weight_decay=1e-4)
 
     G, K = args.group_size, args.num_steps
@@ -163,38 +164,55 @@ def main():
         result["rollout"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
 
-    # 3. training: the trained timesteps of every sample, forward + backward, then one optimizer step
+    # 3. training: the trained timesteps of every sample, forward + backward, then one optimizer step;
+    #    once per variant "micro_batch:checkpointing" (the first is the headline figure)
     A = torch.randn(G, device=device)
-    S = sde.equalizer_weights(sigmas, "sage", 0.5)
+    S = sde.equalizer_weights(sigmas, "sage", 0.5).to(device)
     steps = grpo.select_timesteps(G, sde.step_variances(sigmas, "sage", 0.5) > 0, 1.0,
                                   torch.Generator().manual_seed(0)).to(device)  # (G, K)
     timed = min(args.train_timesteps, steps.shape[1])
-    mb = args.train_micro_batch
     model.train()
-    sync(device)
-    t = time.perf_counter()
-    for j in range(timed):
-        for i in range(0, G, mb):
-            rows = slice(i, i + mb)
-            loss, _ = grpo.trained_step_loss(velocity_fn(cond[rows], uncond[rows]), traj.rows(rows), steps[rows, j],
-                                             A[rows], "sage", 0.5, S, None, 1e-7, 1.0, 0.1, 1e-4)
-            (loss / (timed * G / mb)).backward()
-    sync(device)
-    fwd_bwd_s = time.perf_counter() - t
-    t = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    opt_s = time.perf_counter() - t
-    train_s = fwd_bwd_s * K / timed + opt_s
-    train_flops = 3 * K * 2 * G * per_row  # forward + backward (2x), not crediting checkpoint recompute
-    result["train"] = {"seconds_per_step": train_s, "timed_timesteps": timed, "scaled_to": K,
-                       "optimizer_s": opt_s, "tflops": train_flops / (train_s - opt_s) / 1e12}
+    result["train_variants"] = {}
+    for variant in args.train_variants.split(","):
+        mb, ckpt = int(variant.split(":")[0]), variant.split(":")[1] == "ckpt"
+        model.enable_gradient_checkpointing() if ckpt else model.disable_gradient_checkpointing()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            sync(device)
+            t = time.perf_counter()
+            for j in range(timed):
+                for i in range(0, G, mb):
+                    rows = slice(i, i + mb)
+                    loss, _ = grpo.trained_step_loss(velocity_fn(cond[rows], uncond[rows]), traj.rows(rows),
+                                                     steps[rows, j], A[rows], "sage", 0.5, S, None, 1e-7, 1.0, 0.1, 1e-4)
+                    (loss / (timed * G / mb)).backward()
+            sync(device)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            print(f"train {variant}: out of memory", flush=True)
+            result["train_variants"][variant] = "out of memory"
+            continue
+        fwd_bwd_s = time.perf_counter() - t
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        opt_s = time.perf_counter() - t
+        train_s = fwd_bwd_s * K / timed + opt_s
+        train_flops = 3 * K * 2 * G * per_row  # forward + backward (2x), not crediting checkpoint recompute
+        entry = {"seconds_per_step": train_s, "timed_timesteps": timed, "scaled_to": K, "optimizer_s": opt_s,
+                 "tflops": train_flops / (train_s - opt_s) / 1e12}
+        if device.type == "cuda":
+            entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            entry["mfu"] = entry["tflops"] / result["bf16_peak_tflops"]
+        print(f"train {variant}: {json.dumps(entry)}", flush=True)
+        result["train_variants"][variant] = entry
+    result["train"] = result["train_variants"][args.train_variants.split(",")[0]]
+    train_s = result["train"]["seconds_per_step"]
     if device.type == "cuda":
-        result["train"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        for phase in ("rollout", "train"):
-            result[phase]["mfu"] = result[phase]["tflops"] / result["bf16_peak_tflops"]
+        result["rollout"]["mfu"] = result["rollout"]["tflops"] / result["bf16_peak_tflops"]
 
     print(json.dumps(result, indent=1), flush=True)
     print(f"rollout: {result['rollout']['seconds_per_video']:.2f} s per video ({K} steps, CFG batched); "
