@@ -85,15 +85,6 @@ def text_embeds(model, n: int, tokens: int, device) -> hunyuan.PromptEmbeds:
         mask_2=torch.zeros(n, 1, dtype=torch.long, device=device))
 
 
-def forward_flops_per_row(model, x, cond) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        hunyuan.velocity(model, x[:1], torch.full((1,), 0.5, device=x.device), cond[:1], None, 1.0)
-    return float(counter.get_total_flops())
-
-
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +115,8 @@ def main():
           flush=True)
 
     # FLOPs of one forward row, and the device's measured bf16 peak
-    per_row = forward_flops_per_row(model, x_T, cond)
+    one = torch.full((1,), 0.5, device=device)
+    per_row = profiling.count_flops(lambda: hunyuan.velocity(model, x_T[:1], one, cond[:1], None, 1.0))
     result["forward_tflop_per_row"] = per_row / 1e12
     result["bf16_peak_tflops"] = profiling.measured_bf16_peak(device) if device.type == "cuda" else None
 

@@ -42,6 +42,7 @@ class PhaseTimer:
         self.device, self.profile = device, profile
         self.reset()
         self.phase, self._t, self.example, self.paused = None, 0.0, None, False
+        self.flops_per_row = self.peak_tflops = None  # measured at the first print_profile of this run
         if profile:
             model.register_forward_pre_hook(self._pre, with_kwargs=True)
             model.register_forward_hook(self._post)
@@ -91,48 +92,43 @@ class PhaseTimer:
         self.wall[phase] = self.wall.get(phase, 0.0) + time.perf_counter() - t
 
 
-_FLOPS_PER_ROW: dict = {}  # measured once per run: FLOPs of one forward row (FlopCounterMode)
-_PEAK: dict = {}  # measured once per run: the device's dense bf16 matmul TFLOP/s
-
-
-def forward_flops_per_row(model, example: dict) -> float:
-    """FLOPs of one transformer forward on one row, counted by torch's FlopCounterMode (matmuls and
-    attention) on the first call's inputs; backward counts as twice the forward (the usual MFU convention,
-    which does not credit gradient checkpointing's recomputation)."""
+def count_flops(fn) -> float:
+    """FLOPs of fn() under no_grad, counted by torch's FlopCounterMode (matmuls and attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    if "v" not in _FLOPS_PER_ROW:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(**example)
-        _FLOPS_PER_ROW["v"] = float(counter.get_total_flops())
-    return _FLOPS_PER_ROW["v"]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def measured_bf16_peak(device) -> float:
     """TFLOP/s of an 8192^3 bf16 matmul on this device, the denominator of model FLOP utilisation."""
-    if "v" not in _PEAK:
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        torch.cuda.synchronize(device)
-        t, n = time.perf_counter(), 10
-        for _ in range(n):
-            a @ a
-        torch.cuda.synchronize(device)
-        _PEAK["v"] = 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
-    return _PEAK["v"]
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):  # warm-up: clocks and cuBLAS heuristics
+        a @ a
+    torch.cuda.synchronize(device)
+    t, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ a
+    torch.cuda.synchronize(device)
+    return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
 
 
 def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
     """The --profile table for one iteration, also appended to profile.jsonl; last line `overhead: X% ...`."""
-    timer.paused = True  # the FLOP count's own forward is not part of the iteration; all processes run it
-    per_row = forward_flops_per_row(accelerator.unwrap_model(model), timer.example) if timer.example else 0.0
-    timer.paused = False
+    if timer.flops_per_row is None and timer.example is not None:  # once per run, on every process (FSDP)
+        timer.paused = True  # the FLOP count's own forward is not part of the iteration
+        core = accelerator.unwrap_model(model)
+        timer.flops_per_row = count_flops(lambda: core(**timer.example))
+        timer.paused = False
+    per_row = timer.flops_per_row or 0.0
     if not accelerator.is_main_process:
         return
     inside = sum(timer.model_time.values())
     cuda = accelerator.device.type == "cuda"
+    if cuda and timer.peak_tflops is None:
+        timer.peak_tflops = measured_bf16_peak(accelerator.device)
     record = {"step": step + 1, "total_s": total, "phases": {}}
     head = f"{'phase':<11}{'wall s':>9}{'model s':>9}{'ratio':>7}{'calls':>7}{'bwd':>5}{'rows':>7}"
     print(f"\nprofile step {step + 1}: {head}" + (f"{'TFLOP/s':>9}{'MFU':>7}" if cuda else ""))
@@ -144,14 +140,14 @@ def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
         entry = {"wall_s": wall, "model_s": m, "calls": calls, "backwards": backwards, "rows": rows, "flops": flops}
         if cuda and m > 0:
             entry["tflops"] = flops / m / 1e12
-            entry["mfu"] = entry["tflops"] / measured_bf16_peak(accelerator.device)
+            entry["mfu"] = entry["tflops"] / timer.peak_tflops
             line += f"{entry['tflops']:9.1f}{100 * entry['mfu']:6.1f}%"
         record["phases"][phase] = entry
         print(line)
     if cuda:
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"peak CUDA memory {record['peak_memory_gib']:.2f} GiB; bf16 matmul peak "
-              f"{measured_bf16_peak(accelerator.device):.0f} TFLOP/s (measured); forward {per_row / 1e12:.2f} TFLOP/row")
+              f"{timer.peak_tflops:.0f} TFLOP/s (measured); forward {per_row / 1e12:.2f} TFLOP/row")
     else:
         import resource
 

@@ -338,11 +338,11 @@ def main(cfg: Config) -> list[dict]:
     def velocity_fn(embeds):  # the policy velocity for one micro-batch of prompts (CFG inside)
         return lambda x, sigma: hunyuan.velocity(model, x, sigma, embeds, negative.repeat_interleave(len(embeds)), cfg.guidance)
 
-    def sample_videos(prompts: list[str], x_T, gens, kind, eta) -> sde.Trajectory:  # micro-batched rollout
-        embeds, mb = text(prompts), cfg.micro_batch_size
+    def sample_videos(embeds, x_T, gens, kind, eta) -> sde.Trajectory:  # micro-batched rollout
+        mb = cfg.micro_batch_size
         return sde.Trajectory.cat([
             sde.rollout(velocity_fn(embeds[i : i + mb]), x_T[i : i + mb], sigmas, kind, eta, gens[i : i + mb])
-            for i in range(0, len(prompts), mb)])
+            for i in range(0, len(embeds), mb)])
 
     def score(videos, prompts) -> torch.Tensor:  # (n, 3) components in [0, 1]
         return rewards.score_batched(scorer, videos, prompts, cfg.fps, cfg.reward_batch_size).to(device)
@@ -351,7 +351,7 @@ def main(cfg: Config) -> list[dict]:
         n = len(val_prompts)
         x_T = torch.randn((n, *latent), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
         with torch.no_grad():
-            traj = sample_videos(val_prompts, x_T, rollout_generators(cfg.seed, -1, 0, n, device), "ode", 0.0)
+            traj = sample_videos(text(val_prompts), x_T, rollout_generators(cfg.seed, -1, 0, n, device), "ode", 0.0)
             videos = hunyuan.decode(backbone, traj.latents[:, -1])
         s = score(videos, val_prompts)
         if accelerator.is_main_process:  # [dist]
@@ -408,7 +408,8 @@ def main(cfg: Config) -> list[dict]:
             prompts = [train_prompts[i] for i in local for _ in range(cfg.group_size)]  # (N,) groups consecutive
             gens = rollout_generators(cfg.seed, step, rank * N, N, device)
             x_T = torch.stack([torch.randn(latent, generator=gen, device=gen.device) for gen in gens]).to(device)
-            traj = sample_videos(prompts, x_T, gens, cfg.sde, cfg.eta)
+            embeds = text(prompts)  # cached embeddings of this process's prompts, for rollout and training
+            traj = sample_videos(embeds, x_T, gens, cfg.sde, cfg.eta)
 
         # 2. reward: decode, score three components, mix them with the curriculum
         with timer("decode"):
@@ -426,7 +427,6 @@ def main(cfg: Config) -> list[dict]:
         steps = grpo.select_timesteps(N * world, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
             derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
         micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
-        embeds = text(prompts)
         with timer("anchor"):
             mu_anchor = {}
             if cfg.beta_pos > 0 and not anchor.is_current:  # right after a refresh the anchor IS mu_old
