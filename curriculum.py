@@ -61,9 +61,9 @@ def hoyer_sparsity(r: torch.Tensor) -> torch.Tensor:
     G = r.shape[-1]
     if G < 2:
         return torch.zeros(r.shape[:-1], dtype=r.dtype, device=r.device)
-# ||r||_1 / ||r||_2 runs from 1 (one non-zero entry) to sqrt(G) (all equal); the affine map turns it
-# into 0 for "every sample scores alike" and 1 for "one sample stands out". It is scale invariant, so
-# components on different score scales compare fairly.
+    # ||r||_1 / ||r||_2 runs from 1 (one non-zero entry) to sqrt(G) (all equal); the affine map turns it
+    # into 0 for "every sample scores alike" and 1 for "one sample stands out". It is scale invariant, so
+    # components on different score scales compare fairly.
     l1, l2 = r.abs().sum(-1), r.norm(dim=-1)  # (...,)
     ratio = torch.where(l2 > 0, l1 / l2.clamp(min=1e-12), torch.full_like(l1, math.sqrt(G)))
     return (math.sqrt(G) - ratio) / (math.sqrt(G) - 1)  # (...,) Deviations 4: zero vector -> 0
@@ -71,8 +71,8 @@ def hoyer_sparsity(r: torch.Tensor) -> torch.Tensor:
 
 def _hoyer_diff(S: torch.Tensor) -> torch.Tensor:
     """(..., 3) S_j - S_{j+1} with S_4 = 0: favour a component that separates more than the next."""
-# The components are ordered by difficulty; a component gains weight when it separates the group
-# better than the next one does, so the curriculum does not push a component that has gone flat.
+    # The components are ordered by difficulty; a component gains weight when it separates the group
+    # better than the next one does, so the curriculum does not push a component that has gone flat.
     return S - torch.cat([S[..., 1:], torch.zeros_like(S[..., :1])], dim=-1)
 
 
@@ -82,7 +82,7 @@ def _groups(scores: torch.Tensor, G: int) -> torch.Tensor:
         raise ValueError(f"scores must be (N, {len(COMPONENTS)}) in order {COMPONENTS}, got {tuple(scores.shape)}")
     if G < 1 or N % G != 0:
         raise ValueError(f"group size {G} does not divide the batch of {N} samples")
-# Same layout as grpo.group_advantages: G consecutive rows are one prompt's group.
+    # Same layout as grpo.group_advantages: G consecutive rows are one prompt's group.
     return scores.float().view(N // G, G, -1)  # (B, G, 3)
 
 
@@ -101,8 +101,8 @@ def taros_weights(r: torch.Tensor, tau, beta: float = 0.3, k: float = 20.0):
     tau = torch.as_tensor(tau, dtype=r.dtype, device=r.device)
     if tau.numel() == 2:
         tau = torch.cat([tau, tau[-1:]])  # Deviations 3: tau_3 = tau_2
-# g_j = gate(mean score - threshold) + beta x (Hoyer difference): a component is emphasised once the
-# group is good at it ("mastered") and while it still tells the samples apart.
+    # g_j = gate(mean score - threshold) + beta x (Hoyer difference): a component is emphasised once the
+    # group is good at it ("mastered") and while it still tells the samples apart.
     rbar = r.mean(dim=-2)  # (..., 3)                                       Eq. 4
     S = hoyer_sparsity(r.transpose(-1, -2))  # (..., 3) over the G samples    Eq. 5
     g = torch.sigmoid(k * (rbar - tau)) + beta * _hoyer_diff(S)  # (..., 3)  Eq. 6
@@ -114,7 +114,7 @@ class StaticCurriculum:
 
     def __init__(self, weights=(1.0, 1.0, 1.0)):
         w = torch.as_tensor(weights, dtype=torch.float32)
-# Normalised so the mixed reward stays in [0, 1] like its components.
+        # Normalised so the mixed reward stays in [0, 1] like its components.
         self.w = w / w.sum()
 
     def reward(self, scores: torch.Tensor, G: int):
@@ -160,13 +160,13 @@ class SelfPacedCurriculum:
     def stage_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w (3,), g (3,)): the floored weights and the soft stage indicators from the competence."""
         c = self.competence
-# Soft gates on the running competence: p1 opens when visual fidelity passes tau_1, p2 when temporal
-# coherence passes tau_2. The stages are products of gates, so they sum to 1 and move smoothly.
+        # Soft gates on the running competence: p1 opens when visual fidelity passes tau_1, p2 when temporal
+        # coherence passes tau_2. The stages are products of gates, so they sum to 1 and move smoothly.
         p1 = torch.sigmoid(self.k * (c[0] - self.tau[0]))  # visual mastered?
         p2 = torch.sigmoid(self.k * (c[1] - self.tau[1]))  # temporal mastered?
         g = torch.stack([1 - p1, p1 * (1 - p2), p1 * p2])  # (3,) sums to 1
-# The floor keeps every component in the reward: a mastered component still counts, so the policy
-# cannot trade it away while it learns the next one.
+        # The floor keeps every component in the reward: a mastered component still counts, so the policy
+        # cannot trade it away while it learns the next one.
         return (1 - self.floor) * g + self.floor / len(COMPONENTS), g
 
     def reward(self, scores: torch.Tensor, G: int):
@@ -191,7 +191,7 @@ class SelfPacedCurriculum:
                 return  # wait for a batch that scores every component
             self.competence, self.initialized = batch_mean.clone(), True
         else:
-# An EMA over iterations rather than the raw batch mean: one noisy batch must not flip the stage.
+            # An EMA over iterations rather than the raw batch mean: one noisy batch must not flip the stage.
             ema = self.decay * self.competence + (1 - self.decay) * batch_mean
             self.competence = torch.where(finite, ema, self.competence)
 

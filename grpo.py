@@ -51,8 +51,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0, 
     N = rewards.shape[0]
     if group_size < 1 or N % group_size != 0:
         raise ValueError(f"group size {group_size} does not divide the batch of {N} rewards")
-# Groups are consecutive rows: the G samples of one prompt share its text and differ only in noise,
-# so normalising within a group removes how easy the prompt is and keeps how good the sample is.
+    # Groups are consecutive rows: the G samples of one prompt share its text and differ only in noise,
+    # so normalising within a group removes how easy the prompt is and keeps how good the sample is.
     r = rewards.float().view(-1, group_size)  # (B, G)
     finite = torch.isfinite(r).all(dim=1, keepdim=True)  # (B, 1)
     if not bool(finite.all()):
@@ -61,8 +61,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0, 
     mean = r.mean(dim=1, keepdim=True)  # (B, 1)
     std = r.std(dim=1, unbiased=False, keepdim=True)  # (B, 1) population std, as the references
     A = (r - mean) / (std + eps)  # (B, G)
-# A group whose samples all score alike carries no preference; eps alone would leave 0 / eps = 0
-# anyway, but the explicit zero also covers groups dropped for NaN.
+    # A group whose samples all score alike carries no preference; eps alone would leave 0 / eps = 0
+    # anyway, but the explicit zero also covers groups dropped for NaN.
     A = torch.where((std > 0) & finite, A, torch.zeros_like(A))  # zero spread or dropped -> exactly 0
     return A.clamp(-clip, clip).view(N)  # (N,)
 
@@ -79,21 +79,21 @@ def select_timesteps(num_samples: int, stochastic: torch.Tensor, fraction: float
     if len(steps) == 0:
         raise ValueError("no stochastic step to train: eta = 0 or kind 'ode' gives a deterministic policy")
     k_train = math.ceil(fraction * len(steps))
-# A random order per sample, so every micro-batch mixes noise levels and no update sees only the
-# high- or only the low-noise steps.
+    # A random order per sample, so every micro-batch mixes noise levels and no update sees only the
+    # high- or only the low-noise steps.
     order = torch.rand(num_samples, len(steps), generator=generator).argsort(dim=1)  # (N, K_s)
     return steps[order[:, :k_train]]  # (N, K_train)
 
 
 def clipped_surrogate(logp, logp_old, A, clip_range: float):
     """(N,) PPO-clipped policy loss max(-A rho, -A clip(rho)) and its diagnostics."""
-# logp_old is a stored constant; at unchanged weights the ratio is exactly 1 and the gradient of
-# -A ratio is -A d logp, i.e. REINFORCE with the group advantage.
+    # logp_old is a stored constant; at unchanged weights the ratio is exactly 1 and the gradient of
+    # -A ratio is -A d logp, i.e. REINFORCE with the group advantage.
     ratio = torch.exp(logp - logp_old.detach())  # (N,)
     unclipped = -A * ratio
     clipped = -A * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-# The max of the two is PPO's pessimistic bound: once the ratio has left the band in the direction
-# A rewards, the clipped branch wins and its gradient is 0, so one batch cannot push a step far.
+    # The max of the two is PPO's pessimistic bound: once the ratio has left the band in the direction
+    # A rewards, the clipped branch wins and its gradient is 0, so one batch cannot push a step far.
     loss = torch.maximum(unclipped, clipped)  # (N,) pessimistic bound [FlowGRPO]
     with torch.no_grad():
         log_ratio = logp.detach() - logp_old
@@ -102,7 +102,7 @@ def clipped_surrogate(logp, logp_old, A, clip_range: float):
             "ratio_dev_max": (ratio - 1).abs().max(),
             "clipfrac_high": ((ratio > 1 + clip_range) & (A > 0)).float().mean(),
             "clipfrac_low": ((ratio < 1 - clip_range) & (A < 0)).float().mean(),
-# k3 = (ratio - 1) - log ratio: an unbiased, non-negative estimate of KL(old || new).
+            # k3 = (ratio - 1) - log ratio: an unbiased, non-negative estimate of KL(old || new).
             "approx_kl": (torch.expm1(log_ratio) - log_ratio).mean(),  # k3, >= 0
         }
     return loss, stats
@@ -115,8 +115,8 @@ def step_loss(logp, logp_old, A, weight, kl_pos, kl_vel, lambda_kl, beta_pos, be
     trust_region.gaussian_kl, or None when their beta is 0. The equalizer scales the policy term only:
     it exists to balance reward gradients across noise levels, not to loosen the trust region.
     """
-# [SAGE] Eq. 14: L = S_t l_pol + lambda_KL (beta_pos KL_pos + beta_vel KL_vel). A KL term whose beta is 0
-# is absent (None) and costs nothing, which is how the Fig. 8 variants are expressed.
+    # [SAGE] Eq. 14: L = S_t l_pol + lambda_KL (beta_pos KL_pos + beta_vel KL_vel). A KL term whose beta is 0
+    # is absent (None) and costs nothing, which is how the Fig. 8 variants are expressed.
     l_pol, stats = clipped_surrogate(logp, logp_old, A, clip_range)
     loss = weight * l_pol  # (N,)
     zero = torch.zeros_like(loss)
@@ -138,8 +138,8 @@ def trained_step_loss(velocity_fn, traj, t, A, kind, eta, weight, mu_anchor, lam
     (ones to disable). mu_anchor: (N, ...) anchor means of those steps, from the rollout phase, or None
     when the anchor equals the rollout policy (then mu_old stands in for it).
     """
-# One transformer forward per call: the policy's mean at the stored x_t, then everything else is
-# read from the rollout record (mu_old, logp_old) or was computed at rollout time (mu_anchor).
+    # One transformer forward per call: the policy's mean at the stored x_t, then everything else is
+    # read from the rollout record (mu_old, logp_old) or was computed at rollout time (mu_anchor).
     mu, std, logp = sde.policy_step(velocity_fn, traj, t, kind, eta)
     _, _, _, _, mu_old, logp_old = traj.at(t)
     var = std**2  # (N,) same variance for theta, anchor and old policy: it depends on the schedule only

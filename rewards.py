@@ -75,18 +75,18 @@ class ProxyReward:
         check_videos(videos, prompts)
         v = videos.float().clamp(0, 1)  # (N, F, 3, H, W)
         luma = (v * torch.tensor([0.299, 0.587, 0.114], device=v.device).view(1, 1, 3, 1, 1)).sum(2)  # (N, F, H, W)
-# visual: a flat grey clip is the failure a fresh or collapsing generator shows first, so frame
-# contrast is the cheapest stand-in for VQ; a luma std of 0.5 (black-and-white halves) scores 1.
+        # visual: a flat grey clip is the failure a fresh or collapsing generator shows first, so frame
+        # contrast is the cheapest stand-in for VQ; a luma std of 0.5 (black-and-white halves) scores 1.
         visual = (2 * luma.flatten(2).std(dim=2).mean(dim=1)).clamp(0, 1)  # (N,) contrast per frame
         if v.shape[1] > 1:
-# temporal: flicker is the cheapest stand-in for MQ; exp(-MAD / scale) maps any mean absolute
-# frame difference into (0, 1], with scale 0.1 a visible but not total change per frame.
+            # temporal: flicker is the cheapest stand-in for MQ; exp(-MAD / scale) maps any mean absolute
+            # frame difference into (0, 1], with scale 0.1 a visible but not total change per frame.
             motion = (v[:, 1:] - v[:, :-1]).abs().flatten(1).mean(dim=1)  # (N,)
             temporal = torch.exp(-motion / self.motion_scale)
         else:
             temporal = torch.ones(v.shape[0], device=v.device)  # Deviations 3
-# semantic: distance of the clip's mean colour to the prompt's colour word, over the largest
-# possible RGB distance sqrt(3). It is hackable on purpose (a saturated clip of that colour maxes it).
+        # semantic: distance of the clip's mean colour to the prompt's colour word, over the largest
+        # possible RGB distance sqrt(3). It is hackable on purpose (a saturated clip of that colour maxes it).
         mean_rgb = v.mean(dim=(1, 3, 4))  # (N, 3)
         semantic = torch.full((v.shape[0],), 0.5, device=v.device)  # Deviations 2
         for i, prompt in enumerate(prompts):
@@ -104,8 +104,8 @@ def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size:
     for start in range(0, videos.shape[0], batch_size):
         out = scorer(videos[start : start + batch_size], prompts[start : start + batch_size], fps)
         chunks.append(torch.stack([out[name].float() for name in COMPONENTS], dim=1))  # (n, 3)
-# Bounded chunks keep a reward model's memory independent of the rollout batch; the result is the
-# same as one call because every scorer is per-sample.
+    # Bounded chunks keep a reward model's memory independent of the rollout batch; the result is the
+    # same as one call because every scorer is per-sample.
     scores = torch.cat(chunks)  # (N, 3)
     finite = torch.isfinite(scores)
     if not bool(finite.all()):

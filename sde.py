@@ -77,8 +77,8 @@ def sigma_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """K + 1 noise levels from 1 to 0 with the SD3 shift s sigma / (1 + (s - 1) sigma)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-# Built in float64 and rounded once: rollout and training both index this one tensor, so any
-# rounding is shared and cannot make a recomputed log-prob differ from the stored one.
+    # Built in float64 and rounded once: rollout and training both index this one tensor, so any
+    # rounding is shared and cannot make a recomputed log-prob differ from the stored one.
     sigma = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)  # (K+1,)
     # The shift spends more steps at high noise, where the layout of a video is decided.
     return (shift * sigma / (1 + (shift - 1) * sigma)).float()  # (K+1,)
@@ -105,8 +105,8 @@ def step_variance(sigma, sigma_next, kind: str, eta: float) -> torch.Tensor:
     _check_kind(kind)
     sigma, sigma_next = _as_tensor(sigma), _as_tensor(sigma_next, None).to(_as_tensor(sigma).device)
     # float64 for the log and the near-cancellation -Delta + log(...), then back to float32.
-# V_t is the variance injected between sigma_t and sigma_{t+1}: the integral of the squared
-# diffusion coefficient g(s)^2 over the step. The kinds differ only in g and in how they integrate it.
+    # V_t is the variance injected between sigma_t and sigma_{t+1}: the integral of the squared
+    # diffusion coefficient g(s)^2 over the step. The kinds differ only in g and in how they integrate it.
     s, sn = sigma.double(), sigma_next.double()
     delta = s - sn
     if kind == "ode" or eta == 0:
@@ -114,20 +114,20 @@ def step_variance(sigma, sigma_next, kind: str, eta: float) -> torch.Tensor:
     elif kind == "dance":
         V = eta**2 * delta  # [Dance]: constant diffusion coefficient eta
     elif kind == "flow":
-# g^2 = eta^2 s / (1 - s) grows without bound as s -> 1, so the left end of the step is where the
-# integrand is largest: this rule over-injects noise at high sigma, which pushes samples off the data
-# manifold (the "extra energy" of [SAGE] Fig. 1).
+        # g^2 = eta^2 s / (1 - s) grows without bound as s -> 1, so the left end of the step is where the
+        # integrand is largest: this rule over-injects noise at high sigma, which pushes samples off the data
+        # manifold (the "extra energy" of [SAGE] Fig. 1).
         # [FlowGRPO]: left-endpoint Euler of the integral; at sigma = 1 the denominator uses sigma_{t+1}.
         denom_sigma = torch.where(s >= 1, sn, s)
         V = eta**2 * s / (1 - denom_sigma) * delta
     elif kind == "sage":
-# The same g^2, integrated exactly: s / (1 - s) = -1 + 1 / (1 - s) gives -Delta + log(...), the
-# logarithmic curvature correction. Exact at every step, so no step gets more noise than the SDE asks.
+        # The same g^2, integrated exactly: s / (1 - s) = -1 + 1 / (1 - s) gives -Delta + log(...), the
+        # logarithmic curvature correction. Exact at every step, so no step gets more noise than the SDE asks.
         s_clamped = s.clamp(max=1 - SAGE_SIGMA_GUARD)  # [SAGE] code guard, inside the log only
         V = eta**2 * (-delta + torch.log((1 - sn) / (1 - s_clamped)))  # [SAGE] Eq. 5
     else:  # cps
-# cps is not a discretised SDE: it re-noises the predicted x0 to sigma_{t+1}, and eta sets how much
-# of that noise is fresh. The last step (sigma_{t+1} = 0) is therefore deterministic.
+        # cps is not a discretised SDE: it re-noises the predicted x0 to sigma_{t+1}, and eta sets how much
+        # of that noise is fresh. The last step (sigma_{t+1} = 0) is therefore deterministic.
         V = (sn * math.sin(eta * math.pi / 2)) ** 2  # [CPS]: s_t = sigma_{t+1} sin(eta pi / 2)
     return V.float()
 
@@ -135,8 +135,8 @@ def step_variance(sigma, sigma_next, kind: str, eta: float) -> torch.Tensor:
 def step_variances(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
     """(K,) V_t for a whole schedule, checked once: finite and >= 0, and > 0 wherever the kind is
     stochastic (a negative sage variance means sigma_1 lies above the guard; see Deviations 1)."""
-# Checked once per schedule, on the host, before any model call: a bad schedule is an input error,
-# better reported at start-up than as NaN log-probs in the middle of training.
+    # Checked once per schedule, on the host, before any model call: a bad schedule is an input error,
+    # better reported at start-up than as NaN log-probs in the middle of training.
     V = step_variance(sigmas[:-1], sigmas[1:], kind, eta)  # (K,)
     if not bool(torch.isfinite(V).all()) or bool((V < 0).any()):
         raise ValueError(
@@ -154,15 +154,15 @@ def step_mean_std(x, v, sigma, sigma_next, kind: str, eta: float):
     Returns mu with x's shape (float32) and std with sigma's shape (scalar or (N,)).
     """
     _check_kind(kind)
-# The transformer may run in bf16, but mu, V and logp are computed in float32: V/(2 sigma) is large
-# at low sigma, and the log-density of a 1e5-element latent needs more than 8 mantissa bits.
+    # The transformer may run in bf16, but mu, V and logp are computed in float32: V/(2 sigma) is large
+    # at low sigma, and the log-density of a 1e5-element latent needs more than 8 mantissa bits.
     x, v = x.float(), v.float()  # float32 island: bf16 overflows in mu at low sigma
     sigma, sigma_next = _as_tensor(sigma, x), _as_tensor(sigma_next, x)
     V = step_variance(sigma, sigma_next, kind, eta).to(x.device)  # () or (N,)
     s, sn, Vb = _bcast(sigma, x), _bcast(sigma_next, x), _bcast(V, x)
     if kind == "cps":
-# x = (1 - s) x0 + s eps and v = eps - x0 invert to the model's predictions of the clean sample and
-# of the noise; both samplers are written in terms of them.
+        # x = (1 - s) x0 + s eps and v = eps - x0 invert to the model's predictions of the clean sample and
+        # of the noise; both samplers are written in terms of them.
         x0_hat, eps_hat = x - s * v, x + (1 - s) * v
         # [CPS]: the x0 and noise coefficients of the path at sigma_{t+1} are kept exactly:
         # (1 - sigma_{t+1}) for x0 and sqrt(sigma_{t+1}^2 - s_t^2) + s_t (the fresh noise) for eps.
@@ -199,9 +199,9 @@ def log_prob(x_next, mu, std) -> torch.Tensor:
     x_next is the stored rollout sample (no gradient); gradients flow through mu only. std > 0 is
     required: deterministic steps have no density and must be masked out before calling this.
     """
-# Mean, not sum, over elements: logp is O(1) whatever the latent size, so one clip range (1e-4)
-# means the same for a 2-D toy and a video. The price is that the ratio moves ~1/D as fast as with a
-# sum; SPEC §4 keeps the references' convention.
+    # Mean, not sum, over elements: logp is O(1) whatever the latent size, so one clip range (1e-4)
+    # means the same for a 2-D toy and a video. The price is that the ratio moves ~1/D as fast as with a
+    # sum; SPEC §4 keeps the references' convention.
     x_next, mu = x_next.detach().float(), mu.float()
     std = _bcast(_as_tensor(std, mu), mu)
     # -(x - mu)^2 / (2 V) - log std - log sqrt(2 pi), then the mean (not the sum) over elements.
@@ -212,9 +212,9 @@ def log_prob(x_next, mu, std) -> torch.Tensor:
 def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
     """(K,) [SAGE] gradient norm equalizer S_t = median(N) / N_t with N_t = |d mu / d v| / std_t."""
     _check_kind(kind)
-# The policy gradient of step t w.r.t. v is (x_next - mu) / V * d mu / d v; the residual x_next - mu
-# is O(std), so its size is N_t = |d mu / d v| / std_t. Low-noise steps have tiny std and dominate;
-# S_t divides each step by its N_t.
+    # The policy gradient of step t w.r.t. v is (x_next - mu) / V * d mu / d v; the residual x_next - mu
+    # is O(std), so its size is N_t = |d mu / d v| / std_t. Low-noise steps have tiny std and dominate;
+    # S_t divides each step by its N_t.
     s, sn = sigmas[:-1].double(), sigmas[1:].double()  # (K,)
     V = step_variances(sigmas, kind, eta).double()  # (K,)
     if kind == "cps":
@@ -225,8 +225,8 @@ def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tens
     S = torch.zeros_like(s)  # deterministic steps are not trained: weight 0
     if stochastic.any():
         N = dmu_dv.abs()[stochastic] / V[stochastic].sqrt()
-# Normalised by the median, not the mean, so one extreme step cannot rescale all the others, and a
-# typical step keeps weight ~1 (the learning rate keeps its meaning).
+        # Normalised by the median, not the mean, so one extreme step cannot rescale all the others, and a
+        # typical step keeps weight ~1 (the learning rate keeps its meaning).
         S[stochastic] = N.median() / N  # [SAGE] Eq. 9
     return S.float()
 
@@ -284,13 +284,13 @@ def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator
     """
     x = x_T.float()
     N, K = x.shape[0], len(sigmas) - 1
-# Which steps carry a log-prob is a property of the schedule: decided once on the host, so the loop
-# below never reads a device value back.
+    # Which steps carry a log-prob is a property of the schedule: decided once on the host, so the loop
+    # below never reads a device value back.
     sigmas = sigmas.cpu()
     stochastic = step_variances(sigmas, kind, eta) > 0  # (K,) decided once, on the host: no syncs below
     sigmas_dev = sigmas.to(x.device)
-# Everything training needs is stored here: x_t and x_{t+1} (the sampled action), mu_old for the
-# step-wise KL and logp_old for the ratio. Training recomputes only mu_theta.
+    # Everything training needs is stored here: x_t and x_{t+1} (the sampled action), mu_old for the
+    # step-wise KL and logp_old for the ratio. Training recomputes only mu_theta.
     latents, mus, stds, logps = [x], [], [], []
     for t in range(K):
         sigma, sigma_next = sigmas_dev[t].expand(N), sigmas_dev[t + 1].expand(N)  # (N,), (N,)

@@ -295,8 +295,8 @@ def main(cfg: Config) -> list[dict]:
     stochastic = sde.step_variances(sigmas, cfg.sde, cfg.eta) > 0  # (K,) validates the schedule too
     S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()).to(device)  # (K,)
 
-# The 7B text encoder is needed only here: after this, its ~14 GB (bf16) go back to the CPU and every
-# rollout and training step reads cached embeddings.
+    # The 7B text encoder is needed only here: after this, its ~14 GB (bf16) go back to the CPU and every
+    # rollout and training step reads cached embeddings.
     text = hunyuan.PromptCache(backbone)  # every prompt encoded once; then the encoders leave the GPU
     text(train_prompts + val_prompts)
     negative = text.negative(1)
@@ -409,8 +409,8 @@ def main(cfg: Config) -> list[dict]:
             local = order.view(world, -1)[rank].tolist()  # [dist] this process's share of the prompts
             prompts = [train_prompts[i] for i in local for _ in range(cfg.group_size)]  # (N,) groups consecutive
             gens = rollout_generators(cfg.seed, step, rank * N, N, device)
-# x_T and every later noise draw of sample i come from its own generator, so the sample is the same
-# whatever the process count or micro-batch size, and a resumed run redraws it exactly.
+            # x_T and every later noise draw of sample i come from its own generator, so the sample is the same
+            # whatever the process count or micro-batch size, and a resumed run redraws it exactly.
             x_T = torch.stack([torch.randn(latent, generator=gen, device=gen.device) for gen in gens]).to(device)
             embeds = text(prompts)  # cached embeddings of this process's prompts, for rollout and training
             traj = sample_videos(embeds, x_T, gens, cfg.sde, cfg.eta)
@@ -420,8 +420,8 @@ def main(cfg: Config) -> list[dict]:
             videos = hunyuan.decode(backbone, traj.latents[:, -1])  # (N, F, 3, H, W)
         with timer("reward"):
             scores = score(videos, prompts)  # (N, 3)
-# The curriculum's competence is global (the whole batch over all processes), while the mixing
-# below uses each group's own scores, which all live on this process.
+            # The curriculum's competence is global (the whole batch over all processes), while the mixing
+            # below uses each group's own scores, which all live on this process.
             all_scores = accelerator.gather(scores)  # [dist] curriculum state must agree on every process
             cur.update(all_scores.nanmean(0))  # competence includes this batch, then the weights follow
             mixed, cstats = cur.reward(scores, cfg.group_size)  # (N,)
@@ -434,15 +434,15 @@ def main(cfg: Config) -> list[dict]:
             derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
         micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
         with timer("anchor"):
-# The anchor's means for every trained (sample, step) are computed now, under no_grad with the
-# anchor's weights swapped in, so the training loop below never runs a second model.
+            # The anchor's means for every trained (sample, step) are computed now, under no_grad with the
+            # anchor's weights swapped in, so the training loop below never runs a second model.
             mu_anchor = {}
             if cfg.beta_pos > 0 and not anchor.is_current:  # right after a refresh the anchor IS mu_old
                 with torch.no_grad(), anchor.swapped_in():
                     for j in range(steps.shape[1]):
                         mu_anchor[j] = torch.cat([sde.policy_step(velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j],
                                                                   cfg.sde, cfg.eta)[0] for mb in micro])
-# lambda_KL follows the update count, so it is the same whatever --max_steps is and after a resume.
+        # lambda_KL follows the update count, so it is the same whatever --max_steps is and after a resume.
         lam = trust_region.kl_coefficient(anchor.num_updates, cfg.kl_start, cfg.kl_end, cfg.kl_ramp_steps)
         stats, grad_norms = [], []
         with timer("train"):

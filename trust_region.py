@@ -51,9 +51,9 @@ def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, var) -> torch.Tensor:
     """(N,) KL(N(mu, var) || N(mu_ref, var)) per element, averaged over non-batch elements."""
     var = torch.as_tensor(var, dtype=torch.float32, device=mu.device)
     var = var.reshape(var.shape + (1,) * (mu.dim() - var.dim())) if var.dim() == 1 else var  # (N,1,..)
-# Both Gaussians share the variance V_t (it depends on the schedule, not the weights), so the KL
-# reduces to the squared distance of the means over 2 V_t: closed form, no sampling noise. The
-# reference is detached: the trust region pulls the policy, never the anchor.
+    # Both Gaussians share the variance V_t (it depends on the schedule, not the weights), so the KL
+    # reduces to the squared distance of the means over 2 V_t: closed form, no sampling noise. The
+    # reference is detached: the trust region pulls the policy, never the anchor.
     kl = (mu.float() - mu_ref.detach().float()) ** 2 / (2 * var)  # 2 V, not 2 V^2 (SPEC §5)
     return kl.flatten(1).mean(dim=1)  # (N,)
 
@@ -66,7 +66,7 @@ def kl_coefficient(update: int, start: float = 1e-7, end: float = 1e-5, ramp_ste
     """
     if ramp_steps <= 0:
         return end
-# Linear in the update count, so a resumed run (which restores the count) continues the same ramp.
+    # Linear in the update count, so a resumed run (which restores the count) continues the same ramp.
     frac = min(update / ramp_steps, 1.0)
     return start + frac * (end - start)
 
@@ -81,16 +81,16 @@ class MovingAnchor:
         if anchor_every < 0:
             raise ValueError(f"anchor_every must be >= 0 (0 = fixed anchor), got {anchor_every}")
         self.anchor_every = anchor_every
-# Only the trainable tensors: with LoRA the anchor is a few tens of MB of adapter weights, not a
-# second 8 B model; the frozen base weights are shared by construction.
+        # Only the trainable tensors: with LoRA the anchor is a few tens of MB of adapter weights, not a
+        # second 8 B model; the frozen base weights are shared by construction.
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the module has no trainable parameters to anchor")
         self.snapshot = [p.detach().clone() for p in self.params]
         self.num_updates = 0  # optimizer steps seen
         self.num_refreshes = 0
-# is_current lets the caller skip the anchor's forward passes right after a refresh: the anchor's
-# means then equal mu_old, which the rollout already stored.
+        # is_current lets the caller skip the anchor's forward passes right after a refresh: the anchor's
+        # means then equal mu_old, which the rollout already stored.
         self.is_current = True  # the snapshot equals the live weights
 
     @torch.no_grad()
@@ -104,8 +104,8 @@ class MovingAnchor:
         """Call after every optimizer step. Returns True when the anchor was refreshed."""
         self.num_updates += 1
         self.is_current = False
-# The anchor moves with the policy every anchor_every updates: KL_pos bounds the drift within one
-# period instead of the distance from the pretrained model, which a fixed anchor would (SPEC §5).
+        # The anchor moves with the policy every anchor_every updates: KL_pos bounds the drift within one
+        # period instead of the distance from the pretrained model, which a fixed anchor would (SPEC §5).
         if self.anchor_every > 0 and self.num_updates % self.anchor_every == 0:
             self.refresh()
             return True
@@ -123,8 +123,8 @@ class MovingAnchor:
 
     def _swap(self) -> None:
         for s, p in zip(self.snapshot, self.params):
-# Swapping in place keeps the module, its hooks and any FSDP/DDP wrapping untouched; the extra
-# memory is one parameter at a time.
+            # Swapping in place keeps the module, its hooks and any FSDP/DDP wrapping untouched; the extra
+            # memory is one parameter at a time.
             buf = p.detach().clone()  # one parameter at a time (Deviations 3)
             p.detach().copy_(s)
             s.copy_(buf)
