@@ -25,7 +25,7 @@ Deviations / choices:
    masks every sample separately, so the result is the same up to float reduction order.
 3. One zero image token instead of the pipeline's 729. In text-to-video mode the transformer multiplies
    the image tokens by 0 and masks them out of attention, so the velocity is identical (the tests
-   compare against a plain call with 729 tokens) while the dense per-block attention mask is smaller.
+   compare against a plain call with 729 tokens) while every block carries 728 fewer tokens.
 4. Weights are never downloaded implicitly (about 35 GB): a hub id must already be in the local cache,
    a folder must hold the Diffusers layout. Otherwise we stop at once with the download command.
 5. LoRA weights are kept in float32 on a bf16 transformer: a bf16 weight has 8 mantissa bits, so an
@@ -39,6 +39,10 @@ Deviations / choices:
    (tested against the padded call) and a 33 x 320 x 576 forward runs ~1250 fewer tokens.
 8. Parameters no gradient can reach (the last block's text-stream outputs) are frozen by
    `freeze_unreachable`, which finds them with one backward instead of a hand-written list.
+9. The DiT blocks' attention runs without a mask (`ValidTokenAttnProcessor`): rows are grouped by their
+   number of valid tokens and each group attends over its valid prefix only. diffusers builds a dense
+   (N, 1, S, S) boolean mask per block, which rules out the flash kernels; the velocity is the same
+   (tested against diffusers' processor, values and LoRA gradients).
 
 Test: `python -m pytest tests/test_hunyuan.py -q` (CPU, tiny backbone, about 10 s on 2 idle cores).
 """
@@ -49,9 +53,13 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
                        HunyuanVideo15Transformer3DModel)
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 from peft import LoraConfig
 from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5Config,
                           T5EncoderModel)
@@ -118,6 +126,7 @@ def load_backbone(name: str, pretrained: str | None = None, device="cpu", dtype=
         backbone = _load_hunyuan15(pretrained or DEFAULT_PRETRAINED, dtype)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    use_valid_token_attention(backbone.transformer)   # Deviation 9
     for part in (backbone.transformer, backbone.vae, backbone.text_encoder, backbone.text_encoder_2):
         part.to(device).eval()
     for part in (backbone.vae, backbone.text_encoder, backbone.text_encoder_2):
@@ -391,6 +400,92 @@ def velocity(transformer, x, sigma, cond: PromptEmbeds, uncond: PromptEmbeds | N
     return v_uncond + guidance * (v_cond - v_uncond)   # diffusers' CFG; guidance_rescale = 0 by default
 
 
+class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
+    """The DiT blocks' joint attention with the same output for every valid token, and no attention mask
+    (Deviation 9), so torch can pick its flash / cuDNN kernels instead of a masked one.
+
+    diffusers' processor turns the (N, T) text mask into a dense (N, 1, S, S) boolean mask, S = video + T
+    tokens: valid tokens see valid tokens only, and padded text tokens see nothing. The transformer has
+    already moved each row's valid text tokens in front of its padding, so row n's valid tokens are exactly
+    its first L_n = video + valid_n positions. Here rows with the same L_n form a group, and each group
+    runs plain attention over its first L_n tokens; the padded positions get 0. A valid token therefore
+    attends to exactly the keys it attended to before. Padded tokens get other values than before (they
+    attended to nothing), but no valid token ever reads them and the transformer drops all text tokens
+    after the last block, so the velocity is unchanged (tests compare it with diffusers' processor).
+
+    The groups are read once per forward (one host sync) and reused by every block: all blocks receive the
+    same mask tensor. With training micro-batch 1 a CFG forward has two groups (prompt and empty prompt);
+    a rollout of G videos of one prompt has the same two."""
+
+    def __init__(self):
+        super().__init__()
+        self._mask, self._groups = None, None   # the last mask seen and its groups
+
+    def _row_groups(self, text_mask: torch.Tensor | None, n: int, total: int) -> list[tuple]:
+        if text_mask is None:
+            return [(slice(None), total)]
+        if text_mask is not self._mask:   # a new forward: one host sync for all of its blocks
+            lengths = (total - text_mask.shape[1] + text_mask.sum(1)).tolist()   # (N,) video + valid text
+            rows = {}
+            for row, length in enumerate(lengths):
+                rows.setdefault(length, []).append(row)
+            self._mask = text_mask
+            self._groups = [(_as_index(r, n, text_mask.device), length) for length, r in rows.items()]
+        return self._groups
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if self._parallel_config is not None:   # context parallelism shards the sequence: keep diffusers' path
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        # Projections, QK-norm and rotary embedding on the video stream: as in diffusers' processor.
+        query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))   # (N, V, heads, head_dim)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if encoder_hidden_states is not None:   # the text stream, appended after the video tokens
+            e_query, e_key, e_value = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                                       for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                e_query = attn.norm_added_q(e_query)
+            if attn.norm_added_k is not None:
+                e_key = attn.norm_added_k(e_key)
+            query, key, value = (torch.cat(pair, dim=1) for pair in
+                                 ((query, e_query), (key, e_key), (value, e_value)))   # (N, S, heads, head_dim)
+
+        # The only change: each group of rows attends over its valid prefix, without a mask.
+        N, S = query.shape[:2]
+        out = query.new_zeros(query.shape)
+        for rows, length in self._row_groups(attention_mask, N, S):
+            out[rows, :length] = dispatch_attention_fn(
+                query[rows, :length], key[rows, :length], value[rows, :length], attn_mask=None, dropout_p=0.0,
+                is_causal=False, backend=self._attention_backend)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states, None
+        T = encoder_hidden_states.shape[1]
+        hidden_states, encoder_hidden_states = hidden_states[:, :-T], hidden_states[:, -T:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))   # linear, dropout
+        return hidden_states, attn.to_add_out(encoder_hidden_states)
+
+
+def _as_index(rows: list[int], n: int, device) -> slice | torch.Tensor:
+    """Ascending row numbers as a slice when they are contiguous (a view, no copy), else an index tensor."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1) if len(rows) < n else slice(None)
+    return torch.tensor(rows, device=device)
+
+
+def use_valid_token_attention(transformer, enable: bool = True) -> None:
+    """Gives every DiT block `ValidTokenAttnProcessor` (enable=False: diffusers' processor back). The text
+    token refiner keeps its own attention: it runs on the text alone and costs next to nothing."""
+    core = getattr(transformer, "module", transformer)
+    processor = ValidTokenAttnProcessor() if enable else HunyuanVideo15AttnProcessor2_0()
+    for block in core.transformer_blocks:
+        block.attn.set_processor(processor)
+
+
 @torch.no_grad()
 def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
     """Latents (N, C, F', H', W') -> frames (N, F, 3, H, W) float32 in [0, 1], one sample at a time
@@ -403,6 +498,27 @@ def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
         video = vae.decode(z, return_dict=False)[0]   # (1, 3, F, H, W) in about [-1, 1]
         videos.append((video.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(videos).permute(0, 2, 1, 3, 4)
+
+
+def enable_gradient_checkpointing(transformer, blocks: int | None = None) -> None:
+    """Gradient checkpointing of the first `blocks` DiT blocks (None: all of them, as diffusers'
+    `enable_gradient_checkpointing()` does). A checkpointed block keeps only its inputs for the backward
+    and runs its forward again there; the others keep their activations. So each block left out saves one
+    block forward per backward (about 1/3 of its training compute) and costs its activation memory
+    (configs/MEMORY.md). Which blocks are chosen changes nothing else: they all cost the same."""
+    core = getattr(transformer, "module", transformer)
+    total = len(core.transformer_blocks)
+    blocks = total if blocks is None else blocks
+    if not 1 <= blocks <= total:
+        raise ValueError(f"--checkpointed_blocks {blocks}: this transformer has {total} blocks; choose 1..{total}")
+    chosen = set(core.transformer_blocks[:blocks])
+
+    def checkpoint_chosen(block, *args):   # diffusers calls this for every block when grad is enabled
+        if block in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    core.enable_gradient_checkpointing(checkpoint_chosen)
 
 
 def freeze_unreachable(transformer) -> list[str]:

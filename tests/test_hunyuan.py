@@ -1,6 +1,7 @@
 """Tests for hunyuan.py on the tiny backbone (CPU, about 10 s). The oracles are independent of the code
 under test: the denoiser call written out as HunyuanVideo15Pipeline makes it (729 image tokens, two
 separate calls for CFG), the pipeline's own prompt-encoding functions, and per-sample VAE calls."""
+import contextlib
 import inspect
 import re
 import time
@@ -27,15 +28,27 @@ def cache(backbone):
     return hunyuan.PromptCache(backbone)
 
 
+@contextlib.contextmanager
+def diffusers_attention(transformer):
+    """diffusers' own attention processor (dense mask) inside the block, ours (hunyuan Deviation 9) after."""
+    hunyuan.use_valid_token_attention(transformer, enable=False)
+    try:
+        yield
+    finally:
+        hunyuan.use_valid_token_attention(transformer)
+
+
 def pipeline_forward(transformer, x, sigma, text):
-    """One denoiser call exactly as the pipeline's t2v loop makes it (float sigma, 729 image tokens)."""
+    """One denoiser call exactly as the pipeline's t2v loop makes it (float sigma, 729 image tokens,
+    diffusers' attention processor)."""
     N = x.shape[0]
     latent_model_input = torch.cat([x, torch.zeros_like(x), torch.zeros(N, 1, *x.shape[2:])], dim=1)
-    return transformer(
-        hidden_states=latent_model_input, timestep=torch.full((N,), 1000.0 * sigma),
-        encoder_hidden_states=text.embeds, encoder_attention_mask=text.mask,
-        encoder_hidden_states_2=text.embeds_2, encoder_attention_mask_2=text.mask_2,
-        image_embeds=torch.zeros(N, 729, transformer.config.image_embed_dim), return_dict=False)[0]
+    with diffusers_attention(transformer):
+        return transformer(
+            hidden_states=latent_model_input, timestep=torch.full((N,), 1000.0 * sigma),
+            encoder_hidden_states=text.embeds, encoder_attention_mask=text.mask,
+            encoder_hidden_states_2=text.embeds_2, encoder_attention_mask_2=text.mask_2,
+            image_embeds=torch.zeros(N, 729, transformer.config.image_embed_dim), return_dict=False)[0]
 
 
 def test_tiny_is_deterministic_in_seed_and_leaves_global_rng_alone():
@@ -148,6 +161,42 @@ def test_velocity_is_cfg_of_two_plain_pipeline_calls(backbone, cache):
     torch.testing.assert_close(v, v_uncond + g * (v_cond - v_uncond), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v_plain, v_cond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v_no_uncond, v_cond, atol=1e-5, rtol=1e-5)
+
+
+def test_valid_token_attention_equals_diffusers_masked_attention_in_values_and_lora_grads(cache, monkeypatch):
+    """Rows of three valid lengths (a glyph prompt, a plain one, the empty negative), one of them in two
+    non-contiguous rows, through the batched CFG velocity with LoRA: the velocity and every LoRA gradient
+    equal those of diffusers' processor, and no attention call gets a mask (so the flash kernels can run)."""
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
+    torch.manual_seed(2)
+    for p in params:   # nonzero LoRA B, so every projection's gradient flows through both paths
+        p.data.normal_(0, 0.1)
+    x = torch.randn(3, 4, 3, 8, 8)
+    cond, uncond = cache([PROMPTS[0], PROMPTS[1], PROMPTS[0]]), cache.negative(3)
+    assert len({int(cond.mask[i].sum() + cond.mask_2[i].sum()) for i in range(3)}) == 2   # two valid lengths
+
+    def run():
+        v = hunyuan.velocity(tiny.transformer, x, 0.6, cond, uncond, 5.0)
+        grads = torch.autograd.grad(v.square().mean(), params, allow_unused=True)
+        return v.detach(), grads
+
+    with diffusers_attention(tiny.transformer):
+        v_ref, g_ref = run()
+    masks = []
+    real = hunyuan.dispatch_attention_fn
+    monkeypatch.setattr(hunyuan, "dispatch_attention_fn", lambda *a, **k: masks.append(k["attn_mask"]) or real(*a, **k))
+    v, g = run()
+    torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+    reached = 0
+    for a, b in zip(g, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            reached += int(b.abs().sum() > 0)
+    assert reached > len(params) // 2
+    # 3 groups (uncond rows 0-2, prompt 0 in rows 3 and 5, prompt 1 in row 4) x blocks, forward only
+    assert len(masks) == 3 * tiny.transformer.config.num_layers and all(m is None for m in masks)
 
 
 def test_velocity_with_per_sample_sigma_equals_per_sample_calls(backbone, cache):
@@ -297,3 +346,38 @@ def test_freeze_unreachable_freezes_exactly_the_last_blocks_text_outputs(cache):
     x = torch.randn(2, 4, 3, 8, 8)
     hunyuan.velocity(model, x, 0.6, cache(PROMPTS), cache.negative(2), 5.0).square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("blocks, expected", [(None, [2, 2]), (1, [2, 1])])
+def test_partial_gradient_checkpointing_recomputes_exactly_the_chosen_blocks(cache, blocks, expected):
+    """Forward + backward runs a checkpointed block twice and any other block once, and the LoRA gradients
+    equal those without checkpointing; under no_grad (the rollout) every block runs once."""
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
+    torch.manual_seed(3)
+    for p in params:
+        p.data.normal_(0, 0.1)
+    x, cond, uncond = torch.randn(2, 4, 3, 8, 8), cache(PROMPTS), cache.negative(2)
+    loss = lambda: hunyuan.velocity(tiny.transformer, x, 0.4, cond, uncond, 5.0).square().mean()
+    reference = torch.autograd.grad(loss(), params, allow_unused=True)
+
+    calls = [0] * len(tiny.transformer.transformer_blocks)
+    for i, block in enumerate(tiny.transformer.transformer_blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    hunyuan.enable_gradient_checkpointing(tiny.transformer, blocks)
+    grads = torch.autograd.grad(loss(), params, allow_unused=True)
+    assert calls == expected
+    for a, b in zip(grads, reference):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    calls[:] = [0] * len(calls)
+    with torch.no_grad():
+        loss()
+    assert calls == [1, 1]
+
+
+def test_checkpointed_blocks_out_of_range_names_the_valid_range():
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    with pytest.raises(ValueError, match=r"has 2 blocks; choose 1\.\.2"):
+        hunyuan.enable_gradient_checkpointing(tiny.transformer, 3)
