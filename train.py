@@ -84,6 +84,9 @@ class Config:
     lora_rank: int = field(default=32, metadata={"help": "[FlowGRPO] r = 32"})
     lora_alpha: int = field(default=64, metadata={"help": "[FlowGRPO] alpha = 64"})
     gradient_checkpointing: Optional[bool] = field(default=None, metadata={"help": "default: on for hunyuan15"})
+    checkpointed_blocks: Optional[int] = field(default=None, metadata={
+        "help": "with gradient checkpointing: recompute only the first N DiT blocks (default all 54; fewer is "
+                "faster and needs more memory, configs/MEMORY.md)"})
     # data
     prompts: Optional[str] = field(default=None, metadata={"help": "text file, one prompt per line (default: built-in list)"})
     validation_prompts: Optional[str] = field(default=None, metadata={"help": "text file (default: built-in list)"})
@@ -200,6 +203,8 @@ def resolve(cfg: Config, num_processes: int) -> Config:
         import videoalign
 
         raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
+    if cfg.checkpointed_blocks is not None and not cfg.gradient_checkpointing:
+        raise ValueError(f"--checkpointed_blocks {cfg.checkpointed_blocks} needs --gradient_checkpointing True")
     if cfg.eta <= 0:
         raise ValueError(f"--eta {cfg.eta}: must be > 0 (eta = 0 is the deterministic ODE, which has no log-prob to train)")
     if not 0 < cfg.timestep_fraction <= 1:
@@ -307,7 +312,7 @@ def main(cfg: Config) -> list[dict]:
     hunyuan.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
     params = [p for p in params if p.requires_grad]
     if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        hunyuan.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
     k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # as resolve() checked it
@@ -509,7 +514,7 @@ def main(cfg: Config) -> list[dict]:
                 with open(metrics_path, "a") as f:  # a non-finite value is written as null (warned where it arose)
                     f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                         for k, v in row.items()}) + "\n")
-                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.3 s
+                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.5-0.7 s on 2 CPU cores
                     plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
             bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
         with timer("checkpoint"):

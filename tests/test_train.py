@@ -190,6 +190,8 @@ def test_transformer_calls_are_the_methods_minimum(tmp_path, args, K, k_train, m
     (["--resume_from_checkpoint", "{tmp}/nowhere"], FileNotFoundError, "is not a folder"),
     (["--reward", "videoalign"], ValueError, "needs --reward_prompt_template"),
     (["--eta", "0"], ValueError, "must be > 0"),
+    (["--checkpointed_blocks", "1"], ValueError, "needs --gradient_checkpointing True"),
+    (["--gradient_checkpointing", "True", "--checkpointed_blocks", "3"], ValueError, r"has 2 blocks; choose 1\.\.2"),
     (["--timestep_fraction", "1.5"], ValueError, "must be in"),
     (["--updates_per_rollout", "3"], ValueError, "must divide the 4 trained steps"),
     (["--updates_per_rollout", "2", "--anchor_every", "3"], ValueError, "a multiple of --updates_per_rollout 2"),
