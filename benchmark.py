@@ -7,18 +7,23 @@ What it measures (README "Performance"), with the exact calls train.py makes:
 - rollout: `sde.rollout` of G videos over K SAGE steps, cond + uncond in one batched forward per step
   (`hunyuan.velocity`), no grad. Reported per video.
 - training step: `grpo.trained_step_loss` + backward for every trained timestep of every sample, then one
-  AdamW step on the LoRA parameters, with gradient checkpointing as train.py uses it for hunyuan15.
+  AdamW step on the LoRA parameters, with gradient checkpointing as train.py uses it for hunyuan15
+  (`hunyuan.enable_gradient_checkpointing`, all blocks or the first N).
 - peak CUDA memory, FLOPs of one forward row counted by torch's FlopCounterMode, and the model FLOP
   utilisation (MFU) against the bf16 matmul peak measured on the same device in the same run.
 
 Choices (stated in the README next to the numbers):
 1. Random weights and random text embeddings: the cost of a forward does not depend on their values.
    The text streams have `--text_tokens` valid tokens (train.py trims padding, hunyuan.py Deviation 7).
-2. Attention backends are compared on one batched forward each; the fastest runs the full measurement.
+2. Attention setups "processor:backend" are compared on one batched CFG forward each: processor
+   `diffusers` (its dense boolean mask) or `valid` (hunyuan.ValidTokenAttnProcessor, no mask, the one
+   train.py uses), backend a diffusers attention backend. The fastest runs the full measurement, and the
+   line "valid-token attention: X.XXx" gives diffusers' time over ours on the default backend.
 3. `--train_timesteps` of the K trained timesteps are timed and the training step is scaled to K
    (every trained timestep costs the same forward + backward), to fit a 15-minute device budget. The
-   printed line says so. `--train_variants` times other micro-batch sizes and gradient checkpointing off
-   (train.py: `--micro_batch_size`, `--gradient_checkpointing False`).
+   printed line says so. `--train_variants` times other micro-batch sizes and checkpointing setups:
+   `ckpt` all blocks, `ckptN` the first N, `nockpt` none (train.py: `--micro_batch_size`,
+   `--checkpointed_blocks N`, `--gradient_checkpointing False`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import json
 import math
 import time
 
+import diffusers
 import torch
 
 import grpo
@@ -44,11 +50,13 @@ def parse_args():
     p.add_argument("--group_size", type=int, default=4, help="G videos of one prompt, batched")
     p.add_argument("--num_steps", type=int, default=16, help="K")
     p.add_argument("--train_variants", default="1:ckpt",
-                   help="comma-separated micro_batch:ckpt|nockpt training setups to time (the first is reported)")
+                   help="comma-separated micro_batch:ckpt|ckptN|nockpt training setups to time (the first is "
+                        "reported); ckptN checkpoints the first N blocks")
     p.add_argument("--train_timesteps", type=int, default=4, help="trained timesteps timed (scaled to K)")
     p.add_argument("--text_tokens", type=int, default=64, help="valid Qwen tokens of the prompt")
-    p.add_argument("--backends", default="native,_native_cudnn,_native_efficient",
-                   help="diffusers attention backends to compare (comma separated)")
+    p.add_argument("--attention", default="diffusers:native,valid:native,valid:_native_flash,valid:_native_cudnn",
+                   help="processor:backend setups to compare, processor 'diffusers' or 'valid' (CPU: native only)")
+    p.add_argument("--attention_rounds", type=int, default=3, help="timed forwards per attention setup")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args()
 
@@ -69,6 +77,7 @@ def build(args, device, dtype):
     else:
         model = HunyuanVideo15Transformer3DModel(**hunyuan.SMALL_TRANSFORMER).to(device, dtype)
         temporal, spatial, channels = 2, 4, 16
+    hunyuan.use_valid_token_attention(model)   # as hunyuan.load_backbone does for train.py
     hunyuan.check_video_size(temporal, spatial * model.config.patch_size, args.frames, args.height, args.width)
     latent = (channels, (args.frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
     return model.eval(), latent
@@ -87,6 +96,7 @@ def text_embeds(model, n: int, tokens: int, device) -> hunyuan.PromptEmbeds:
 
 def main():
     args = parse_args()
+    diffusers.utils.logging.set_verbosity_error()  # set_attention_backend warns "experimental" on every switch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
@@ -120,25 +130,47 @@ def main():
     result["forward_tflop_per_row"] = per_row / 1e12
     result["bf16_peak_tflops"] = profiling.measured_bf16_peak(device) if device.type == "cuda" else None
 
-    # 1. attention backends on one batched CFG forward (2G rows)
-    timings = {}
-    for name in args.backends.split(",") if device.type == "cuda" else ["native"]:
+    # 1. attention setups on one batched CFG forward (2G rows); rounds interleave the setups, so a drift in
+    #    the machine's speed (CPU frequency, other load) hits all of them alike; the median round counts
+    def use(setup):
+        processor, backend = setup.split(":")
+        hunyuan.use_valid_token_attention(model, enable=processor == "valid")
+        model.set_attention_backend(backend)
+
+    def forward_s():
+        sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            velocity_fn(cond, uncond)(x_T, sigmas[1].expand(G).to(device))
+        sync(device)
+        return time.perf_counter() - t
+
+    setups = args.attention.split(",")
+    rounds = {}
+    for setup in setups if device.type == "cuda" else [s for s in setups if s.endswith(":native")]:
         try:
-            model.set_attention_backend(name)
-            with torch.no_grad():
-                velocity_fn(cond, uncond)(x_T, sigmas[1].expand(G).to(device))  # warm-up
-                sync(device)
-                t = time.perf_counter()
-                for _ in range(2):
-                    velocity_fn(cond, uncond)(x_T, sigmas[1].expand(G).to(device))
-                sync(device)
-            timings[name] = (time.perf_counter() - t) / 2
-            print(f"attention {name:<20} {timings[name]:.3f} s per {2 * G}-row forward", flush=True)
+            use(setup)
+            forward_s()  # warm-up
+            rounds[setup] = []
         except Exception as err:  # a backend this build lacks: report it and go on
-            print(f"attention {name:<20} unavailable: {type(err).__name__}: {str(err)[:120]}", flush=True)
+            print(f"attention {setup:<26} unavailable: {type(err).__name__}: {str(err)[:120]}", flush=True)
+    for _ in range(args.attention_rounds):
+        for setup in rounds:
+            use(setup)
+            rounds[setup].append(forward_s())
+    timings = {setup: sorted(r)[len(r) // 2] for setup, r in rounds.items()}
+    for setup, seconds in timings.items():
+        print(f"attention {setup:<26} {seconds:.3f} s per {2 * G}-row forward (median of {args.attention_rounds})",
+              flush=True)
     best = min(timings, key=timings.get)
-    model.set_attention_backend(best)
+    hunyuan.use_valid_token_attention(model, enable=best.startswith("valid:"))
+    model.set_attention_backend(best.split(":")[1])
     result["attention"] = {"per_forward_s": timings, "chosen": best}
+    if "diffusers:native" in timings and "valid:native" in timings:
+        ratio = timings["diffusers:native"] / timings["valid:native"]
+        result["attention"]["valid_speedup_native"] = ratio
+        print(f"valid-token attention: {ratio:.2f}x (diffusers' masked processor time / ours, native backend, "
+              f"same run)", flush=True)
 
     # 2. rollout: K steps of G videos, batched CFG
     if device.type == "cuda":
@@ -166,8 +198,11 @@ def main():
     model.train()
     result["train_variants"] = {}
     for variant in args.train_variants.split(","):
-        mb, ckpt = int(variant.split(":")[0]), variant.split(":")[1] == "ckpt"
-        model.enable_gradient_checkpointing() if ckpt else model.disable_gradient_checkpointing()
+        mb, ckpt = int(variant.split(":")[0]), variant.split(":")[1]
+        if ckpt == "nockpt":
+            model.disable_gradient_checkpointing()
+        else:  # "ckpt" (all blocks) or "ckptN" (the first N)
+            hunyuan.enable_gradient_checkpointing(model, int(ckpt[4:]) if ckpt[4:] else None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
