@@ -272,7 +272,9 @@ def plot_metrics(rows: list[dict], path: str) -> None:
         ax.set_title(title), ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(path, dpi=80), plt.close(fig)
+    # fixed margins: tight_layout measured every tick label and took ~40 % of the plot's time (profiled)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.91, wspace=0.3)
+    fig.savefig(path, dpi=80), plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,7 +516,7 @@ def main(cfg: Config) -> list[dict]:
                 with open(metrics_path, "a") as f:  # a non-finite value is written as null (warned where it arose)
                     f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                         for k, v in row.items()}) + "\n")
-                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.5-0.7 s on 2 CPU cores
+                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.4 s on 2 CPU cores
                     plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
             bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
         with timer("checkpoint"):
