@@ -1,7 +1,8 @@
 """Model cost of one GRPO iteration on the real HunyuanVideo-1.5 transformer, without any download.
 
     python benchmark.py                      # GPU: full-size 8.3 B DiT, random bf16 weights, LoRA r=32
-    python benchmark.py --model small        # CPU smoke test of the same code on the 'small' backbone
+    python benchmark.py --model small --frames 9 --height 64 --width 64 --train_timesteps 1
+                                             # CPU: the same code on the 'small' backbone (~40 s, 2 cores)
 
 What it measures (README "Performance"), with the exact calls train.py makes:
 - rollout: `sde.rollout` of G videos over K SAGE steps, cond + uncond in one batched forward per step
@@ -9,7 +10,8 @@ What it measures (README "Performance"), with the exact calls train.py makes:
 - training step: `grpo.trained_step_loss` + backward for every trained timestep of every sample, then one
   AdamW step on the LoRA parameters, with gradient checkpointing as train.py uses it for hunyuan15
   (`hunyuan.enable_gradient_checkpointing`, all blocks or the first N).
-- peak CUDA memory, FLOPs of one forward row counted by torch's FlopCounterMode, and the model FLOP
+- peak CUDA memory, FLOPs of one video's CFG forward (its prompt row and its empty-prompt row) counted by
+  torch's FlopCounterMode, and the model FLOP
   utilisation (MFU) against the bf16 matmul peak measured on the same device in the same run.
 
 Choices (stated in the README next to the numbers):
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import diffusers
@@ -96,6 +99,8 @@ def text_embeds(model, n: int, tokens: int, device) -> hunyuan.PromptEmbeds:
 
 def main():
     args = parse_args()
+    if args.attention_rounds < 1 or args.train_timesteps < 1:
+        raise SystemExit("--attention_rounds and --train_timesteps must be >= 1")
     diffusers.utils.logging.set_verbosity_error()  # set_attention_backend warns "experimental" on every switch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -124,10 +129,11 @@ def main():
           f"latent {latent} = {tokens} video tokens + {args.text_tokens} text, built in {result['build_s']:.1f} s",
           flush=True)
 
-    # FLOPs of one forward row, and the device's measured bf16 peak
+    # FLOPs of one video's forward, and the device's measured bf16 peak
     one = torch.full((1,), 0.5, device=device)
-    per_row = profiling.count_flops(lambda: hunyuan.velocity(model, x_T[:1], one, cond[:1], None, 1.0))
-    result["forward_tflop_per_row"] = per_row / 1e12
+    # one video's CFG forward: its prompt row and its empty-prompt row (their token counts differ)
+    per_video = profiling.count_flops(lambda: hunyuan.velocity(model, x_T[:1], one, cond[:1], uncond[:1], 6.0))
+    result["forward_tflop_per_video_cfg"] = per_video / 1e12
     result["bf16_peak_tflops"] = profiling.measured_bf16_peak(device) if device.type == "cuda" else None
 
     # 1. attention setups on one batched CFG forward (2G rows); rounds interleave the setups, so a drift in
@@ -158,7 +164,7 @@ def main():
         for setup in rounds:
             use(setup)
             rounds[setup].append(forward_s())
-    timings = {setup: sorted(r)[len(r) // 2] for setup, r in rounds.items()}
+    timings = {setup: statistics.median(r) for setup, r in rounds.items()}
     for setup, seconds in timings.items():
         print(f"attention {setup:<26} {seconds:.3f} s per {2 * G}-row forward (median of {args.attention_rounds})",
               flush=True)
@@ -181,7 +187,7 @@ def main():
         traj = sde.rollout(velocity_fn(cond, uncond), x_T, sigmas, "sage", 0.5, gens)
     sync(device)
     rollout_s = time.perf_counter() - t
-    rollout_flops = K * 2 * G * per_row
+    rollout_flops = K * G * per_video
     result["rollout"] = {"seconds": rollout_s, "seconds_per_video": rollout_s / G,
                          "tflops": rollout_flops / rollout_s / 1e12}
     if device.type == "cuda":
@@ -228,7 +234,7 @@ def main():
         sync(device)
         opt_s = time.perf_counter() - t
         train_s = fwd_bwd_s * K / timed + opt_s
-        train_flops = 3 * K * 2 * G * per_row  # forward + backward (2x), not crediting checkpoint recompute
+        train_flops = 3 * K * G * per_video  # forward + backward (2x), not crediting checkpoint recompute
         entry = {"seconds_per_step": train_s, "timed_timesteps": timed, "scaled_to": K, "optimizer_s": opt_s,
                  "tflops": train_flops / (train_s - opt_s) / 1e12}
         if device.type == "cuda":

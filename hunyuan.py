@@ -401,7 +401,8 @@ def velocity(transformer, x, sigma, cond: PromptEmbeds, uncond: PromptEmbeds | N
 
 
 class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
-    """The DiT blocks' joint attention with the same output for every valid token, and no attention mask
+    """The DiT blocks' joint attention with the same output for every valid token (up to float rounding:
+    the reduction order differs), and no attention mask
     (Deviation 9), so torch can pick its flash / cuDNN kernels instead of a masked one.
 
     diffusers' processor turns the (N, T) text mask into a dense (N, 1, S, S) boolean mask, S = video + T
@@ -411,7 +412,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
     runs plain attention over its first L_n tokens; the padded positions get 0. A valid token therefore
     attends to exactly the keys it attended to before. Padded tokens get other values than before (they
     attended to nothing), but no valid token ever reads them and the transformer drops all text tokens
-    after the last block, so the velocity is unchanged (tests compare it with diffusers' processor).
+    after the last block, so the velocity is the same (tests compare it with diffusers' processor).
 
     The groups are read once per forward (one host sync) and reused by every block: all blocks receive the
     same mask tensor. With training micro-batch 1 a CFG forward has two groups (prompt and empty prompt);
@@ -419,19 +420,20 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
 
     def __init__(self):
         super().__init__()
-        self._mask, self._groups = None, None   # the last mask seen and its groups
+        self._last = (None, None, None)   # (mask, sequence length, groups) of the last forward
 
     def _row_groups(self, text_mask: torch.Tensor | None, n: int, total: int) -> list[tuple]:
         if text_mask is None:
             return [(slice(None), total)]
-        if text_mask is not self._mask:   # a new forward: one host sync for all of its blocks
+        mask, seen_total, groups = self._last
+        if text_mask is not mask or total != seen_total:   # a new forward: one host sync for all of its blocks
             lengths = (total - text_mask.shape[1] + text_mask.sum(1)).tolist()   # (N,) video + valid text
             rows = {}
             for row, length in enumerate(lengths):
                 rows.setdefault(length, []).append(row)
-            self._mask = text_mask
-            self._groups = [(_as_index(r, n, text_mask.device), length) for length, r in rows.items()]
-        return self._groups
+            groups = [(_as_index(r, n, text_mask.device), length) for length, r in rows.items()]
+            self._last = (text_mask, total, groups)   # holding the mask keeps its id from being reused
+        return groups
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if self._parallel_config is not None:   # context parallelism shards the sequence: keep diffusers' path
@@ -459,7 +461,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         for rows, length in self._row_groups(attention_mask, N, S):
             out[rows, :length] = dispatch_attention_fn(
                 query[rows, :length], key[rows, :length], value[rows, :length], attn_mask=None, dropout_p=0.0,
-                is_causal=False, backend=self._attention_backend)
+                is_causal=False, backend=self._attention_backend).to(out.dtype)   # autocast may return bf16
         hidden_states = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
@@ -501,20 +503,27 @@ def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
 
 
 def enable_gradient_checkpointing(transformer, blocks: int | None = None) -> None:
-    """Gradient checkpointing of the first `blocks` DiT blocks (None: all of them, as diffusers'
-    `enable_gradient_checkpointing()` does). A checkpointed block keeps only its inputs for the backward
+    """Gradient checkpointing of the first `blocks` DiT blocks (None or all: diffusers'
+    `enable_gradient_checkpointing()` itself). A checkpointed block keeps only its inputs for the backward
     and runs its forward again there; the others keep their activations. So each block left out saves one
     block forward per backward (about 1/3 of its training compute) and costs its activation memory
-    (configs/MEMORY.md). Which blocks are chosen changes nothing else: they all cost the same."""
+    (configs/MEMORY.md). Which blocks are chosen changes nothing else: they all cost the same.
+
+    The choice is an attribute on each block, not a set of block objects, because a wrapper that replaces
+    the blocks (FSDP1 auto-wrap) still forwards attribute reads to the block inside."""
     core = getattr(transformer, "module", transformer)
     total = len(core.transformer_blocks)
     blocks = total if blocks is None else blocks
     if not 1 <= blocks <= total:
         raise ValueError(f"--checkpointed_blocks {blocks}: this transformer has {total} blocks; choose 1..{total}")
-    chosen = set(core.transformer_blocks[:blocks])
+    if blocks == total:
+        core.enable_gradient_checkpointing()
+        return
+    for i, block in enumerate(core.transformer_blocks):
+        block.recompute_in_backward = i < blocks
 
     def checkpoint_chosen(block, *args):   # diffusers calls this for every block when grad is enabled
-        if block in chosen:
+        if getattr(block, "recompute_in_backward", True):
             return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
         return block(*args)
 

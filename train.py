@@ -205,6 +205,9 @@ def resolve(cfg: Config, num_processes: int) -> Config:
         raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
     if cfg.checkpointed_blocks is not None and not cfg.gradient_checkpointing:
         raise ValueError(f"--checkpointed_blocks {cfg.checkpointed_blocks} needs --gradient_checkpointing True")
+    if cfg.checkpointed_blocks is not None and cfg.checkpointed_blocks < 1:
+        raise ValueError(f"--checkpointed_blocks {cfg.checkpointed_blocks} must be >= 1 (the number of blocks "
+                         f"checkpointed; for none, pass --gradient_checkpointing False)")
     if cfg.eta <= 0:
         raise ValueError(f"--eta {cfg.eta}: must be > 0 (eta = 0 is the deterministic ODE, which has no log-prob to train)")
     if not 0 < cfg.timestep_fraction <= 1:

@@ -164,17 +164,18 @@ def test_velocity_is_cfg_of_two_plain_pipeline_calls(backbone, cache):
 
 
 def test_valid_token_attention_equals_diffusers_masked_attention_in_values_and_lora_grads(cache, monkeypatch):
-    """Rows of three valid lengths (a glyph prompt, a plain one, the empty negative), one of them in two
-    non-contiguous rows, through the batched CFG velocity with LoRA: the velocity and every LoRA gradient
-    equal those of diffusers' processor, and no attention call gets a mask (so the flash kernels can run)."""
+    """Rows of three valid lengths (a glyph prompt, a plain one, the empty negative), the two prompts
+    interleaved (A B A B, so both groups are non-contiguous and a wrong row index shows), through the
+    batched CFG velocity with LoRA: the velocity and every LoRA gradient equal those of diffusers'
+    processor, and no attention call gets a mask (so the flash kernels can run)."""
     tiny = hunyuan.load_backbone("tiny", seed=0)
     params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
     torch.manual_seed(2)
     for p in params:   # nonzero LoRA B, so every projection's gradient flows through both paths
         p.data.normal_(0, 0.1)
-    x = torch.randn(3, 4, 3, 8, 8)
-    cond, uncond = cache([PROMPTS[0], PROMPTS[1], PROMPTS[0]]), cache.negative(3)
-    assert len({int(cond.mask[i].sum() + cond.mask_2[i].sum()) for i in range(3)}) == 2   # two valid lengths
+    x = torch.randn(4, 4, 3, 8, 8)
+    cond, uncond = cache([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]), cache.negative(4)
+    assert len({int(cond.mask[i].sum() + cond.mask_2[i].sum()) for i in range(4)}) == 2   # two valid lengths
 
     def run():
         v = hunyuan.velocity(tiny.transformer, x, 0.6, cond, uncond, 5.0)
@@ -195,8 +196,21 @@ def test_valid_token_attention_equals_diffusers_masked_attention_in_values_and_l
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
             reached += int(b.abs().sum() > 0)
     assert reached > len(params) // 2
-    # 3 groups (uncond rows 0-2, prompt 0 in rows 3 and 5, prompt 1 in row 4) x blocks, forward only
+    # 3 groups (uncond rows 0-3, prompt 0 in rows 4 and 6, prompt 1 in rows 5 and 7) x blocks, forward only
     assert len(masks) == 3 * tiny.transformer.config.num_layers and all(m is None for m in masks)
+
+
+def test_valid_token_attention_under_autocast_agrees_with_diffusers_to_bf16_rounding(backbone, cache):
+    """float32 weights under bf16 autocast (SDPA returns bf16 into a float32 buffer) with non-contiguous
+    groups: runs, and differs from diffusers' processor only by bf16 rounding (amplified by CFG 5)."""
+    torch.manual_seed(5)
+    x, cond, uncond = torch.randn(3, 4, 3, 8, 8), cache([PROMPTS[0], PROMPTS[1], PROMPTS[0]]), cache.negative(3)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        v = hunyuan.velocity(backbone.transformer, x, 0.5, cond, uncond, 5.0)
+        with diffusers_attention(backbone.transformer):
+            v_ref = hunyuan.velocity(backbone.transformer, x, 0.5, cond, uncond, 5.0)
+    assert v.dtype == torch.float32
+    assert (v - v_ref).abs().max() < 0.05 * v_ref.abs().max()
 
 
 def test_velocity_with_per_sample_sigma_equals_per_sample_calls(backbone, cache):

@@ -191,6 +191,7 @@ def test_transformer_calls_are_the_methods_minimum(tmp_path, args, K, k_train, m
     (["--reward", "videoalign"], ValueError, "needs --reward_prompt_template"),
     (["--eta", "0"], ValueError, "must be > 0"),
     (["--checkpointed_blocks", "1"], ValueError, "needs --gradient_checkpointing True"),
+    (["--gradient_checkpointing", "True", "--checkpointed_blocks", "0"], ValueError, "must be >= 1"),
     (["--gradient_checkpointing", "True", "--checkpointed_blocks", "3"], ValueError, r"has 2 blocks; choose 1\.\.2"),
     (["--timestep_fraction", "1.5"], ValueError, "must be in"),
     (["--updates_per_rollout", "3"], ValueError, "must divide the 4 trained steps"),
