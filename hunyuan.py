@@ -422,7 +422,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         super().__init__()
         self._last = (None, None, None)   # (mask, sequence length, groups) of the last forward
 
-    def _row_groups(self, text_mask: torch.Tensor | None, n: int, total: int) -> list[tuple]:
+    def _row_groups(self, text_mask: torch.Tensor | None, total: int) -> list[tuple]:
         if text_mask is None:
             return [(slice(None), total)]
         mask, seen_total, groups = self._last
@@ -431,7 +431,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             rows = {}
             for row, length in enumerate(lengths):
                 rows.setdefault(length, []).append(row)
-            groups = [(_as_index(r, n, text_mask.device), length) for length, r in rows.items()]
+            groups = [(_as_index(r, text_mask.device), length) for length, r in rows.items()]
             self._last = (text_mask, total, groups)   # holding the mask keeps its id from being reused
         return groups
 
@@ -456,13 +456,12 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
                                  ((query, e_query), (key, e_key), (value, e_value)))   # (N, S, heads, head_dim)
 
         # The only change: each group of rows attends over its valid prefix, without a mask.
-        N, S = query.shape[:2]
         out = query.new_zeros(query.shape)
-        for rows, length in self._row_groups(attention_mask, N, S):
+        for rows, length in self._row_groups(attention_mask, query.shape[1]):
             out[rows, :length] = dispatch_attention_fn(
                 query[rows, :length], key[rows, :length], value[rows, :length], attn_mask=None, dropout_p=0.0,
                 is_causal=False, backend=self._attention_backend).to(out.dtype)   # autocast may return bf16
-        hidden_states = out.flatten(2, 3).to(query.dtype)
+        hidden_states = out.flatten(2, 3)
 
         if encoder_hidden_states is None:
             return hidden_states, None
@@ -472,10 +471,10 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         return hidden_states, attn.to_add_out(encoder_hidden_states)
 
 
-def _as_index(rows: list[int], n: int, device) -> slice | torch.Tensor:
+def _as_index(rows: list[int], device) -> slice | torch.Tensor:
     """Ascending row numbers as a slice when they are contiguous (a view, no copy), else an index tensor."""
     if rows == list(range(rows[0], rows[-1] + 1)):
-        return slice(rows[0], rows[-1] + 1) if len(rows) < n else slice(None)
+        return slice(rows[0], rows[-1] + 1)
     return torch.tensor(rows, device=device)
 
 

@@ -275,7 +275,7 @@ def plot_metrics(rows: list[dict], path: str) -> None:
         ax.set_title(title), ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
-    # fixed margins: tight_layout measured every tick label and took ~40 % of the plot's time (profiled)
+    # fixed margins: tight_layout measures every tick label, a large part of a plot's cost
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.91, wspace=0.3)
     fig.savefig(path, dpi=80), plt.close(fig)
 
@@ -348,7 +348,8 @@ def main(cfg: Config) -> list[dict]:
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
     def velocity_fn(embeds):  # the policy velocity for one micro-batch of prompts (CFG inside)
-        return lambda x, sigma: hunyuan.velocity(model, x, sigma, embeds, negative.repeat_interleave(len(embeds)), cfg.guidance)
+        uncond = negative.repeat_interleave(len(embeds))  # once per micro-batch, not once per step
+        return lambda x, sigma: hunyuan.velocity(model, x, sigma, embeds, uncond, cfg.guidance)
 
     def sample_videos(embeds, x_T, gens, kind, eta) -> sde.Trajectory:  # micro-batched rollout
         mb = cfg.micro_batch_size
@@ -377,8 +378,8 @@ def main(cfg: Config) -> list[dict]:
     start_step, state = 0, {}
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
-        found = sorted((int(d.split("-")[1]), d) for d in os.listdir(ckpt_root) if d.startswith("checkpoint-"))
-        resume = os.path.join(ckpt_root, found[-1][1]) if found else None
+        found = list_checkpoints(ckpt_root)
+        resume = found[-1] if found else None
     if resume:
         state = load_checkpoint(resume, accelerator, model, cfg, anchor, cur)
         start_step = state["step"]
@@ -519,7 +520,7 @@ def main(cfg: Config) -> list[dict]:
                 with open(metrics_path, "a") as f:  # a non-finite value is written as null (warned where it arose)
                     f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                         for k, v in row.items()}) + "\n")
-                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:  # a plot costs ~0.4 s on 2 CPU cores
+                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:
                     plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
             bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
         with timer("checkpoint"):
@@ -558,6 +559,12 @@ def anchor_file(accelerator) -> str:
     return f"anchor_rank{accelerator.process_index}.pt" if sharded_anchor(accelerator) else "anchor.pt"
 
 
+def list_checkpoints(root: str) -> list[str]:
+    """The `checkpoint-<step>` folders under root, oldest step first."""
+    found = sorted((int(d.split("-")[1]), d) for d in os.listdir(root) if d.startswith("checkpoint-"))
+    return [os.path.join(root, d) for _, d in found]
+
+
 def save_checkpoint(path, accelerator, model, cfg, anchor, cur, state) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -572,10 +579,9 @@ def save_checkpoint(path, accelerator, model, cfg, anchor, cur, state) -> None:
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             json.dump({**state, "curriculum": cur.state_dict(),
                        "config": method_fields(cfg, accelerator.num_processes)}, f)
-        root = os.path.dirname(path)  # keep the newest `checkpoints_total_limit`
-        old = sorted((int(d.split("-")[1]), d) for d in os.listdir(root) if d.startswith("checkpoint-"))
-        for _, d in old[: max(len(old) - cfg.checkpoints_total_limit, 0)]:
-            shutil.rmtree(os.path.join(root, d))
+        old = list_checkpoints(os.path.dirname(path))  # keep the newest `checkpoints_total_limit`
+        for d in old[: max(len(old) - cfg.checkpoints_total_limit, 0)]:
+            shutil.rmtree(d)
     accelerator.wait_for_everyone()  # [dist]
 
 

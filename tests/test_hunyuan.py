@@ -51,6 +51,28 @@ def pipeline_forward(transformer, x, sigma, text):
             image_embeds=torch.zeros(N, 729, transformer.config.image_embed_dim), return_dict=False)[0]
 
 
+def tiny_with_random_lora(seed: int):
+    """A fresh tiny backbone with rank-4 LoRA whose A and B are both random, so every projection's gradient
+    flows (gaussian init has B = 0). Returns (backbone, LoRA params)."""
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
+    torch.manual_seed(seed)
+    for p in params:
+        p.data.normal_(0, 0.1)
+    return tiny, params
+
+
+def assert_grads_close(grads, reference, atol, rtol) -> int:
+    """Same None pattern and close values; returns how many reference gradients are nonzero."""
+    nonzero = 0
+    for a, b in zip(grads, reference, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+            nonzero += int(b.abs().sum() > 0)
+    return nonzero
+
+
 def test_tiny_is_deterministic_in_seed_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
@@ -168,11 +190,7 @@ def test_valid_token_attention_equals_diffusers_masked_attention_in_values_and_l
     interleaved (A B A B, so both groups are non-contiguous and a wrong row index shows), through the
     batched CFG velocity with LoRA: the velocity and every LoRA gradient equal those of diffusers'
     processor, and no attention call gets a mask (so the flash kernels can run)."""
-    tiny = hunyuan.load_backbone("tiny", seed=0)
-    params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
-    torch.manual_seed(2)
-    for p in params:   # nonzero LoRA B, so every projection's gradient flows through both paths
-        p.data.normal_(0, 0.1)
+    tiny, params = tiny_with_random_lora(seed=2)
     x = torch.randn(4, 4, 3, 8, 8)
     cond, uncond = cache([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]), cache.negative(4)
     assert len({int(cond.mask[i].sum() + cond.mask_2[i].sum()) for i in range(4)}) == 2   # two valid lengths
@@ -189,13 +207,7 @@ def test_valid_token_attention_equals_diffusers_masked_attention_in_values_and_l
     monkeypatch.setattr(hunyuan, "dispatch_attention_fn", lambda *a, **k: masks.append(k["attn_mask"]) or real(*a, **k))
     v, g = run()
     torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
-    reached = 0
-    for a, b in zip(g, g_ref):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-            reached += int(b.abs().sum() > 0)
-    assert reached > len(params) // 2
+    assert assert_grads_close(g, g_ref, atol=1e-5, rtol=1e-4) > len(params) // 2
     # 3 groups (uncond rows 0-3, prompt 0 in rows 4 and 6, prompt 1 in rows 5 and 7) x blocks, forward only
     assert len(masks) == 3 * tiny.transformer.config.num_layers and all(m is None for m in masks)
 
@@ -366,11 +378,7 @@ def test_freeze_unreachable_freezes_exactly_the_last_blocks_text_outputs(cache):
 def test_partial_gradient_checkpointing_recomputes_exactly_the_chosen_blocks(cache, blocks, expected):
     """Forward + backward runs a checkpointed block twice and any other block once, and the LoRA gradients
     equal those without checkpointing; under no_grad (the rollout) every block runs once."""
-    tiny = hunyuan.load_backbone("tiny", seed=0)
-    params = hunyuan.add_lora(tiny.transformer, rank=4, alpha=8)
-    torch.manual_seed(3)
-    for p in params:
-        p.data.normal_(0, 0.1)
+    tiny, params = tiny_with_random_lora(seed=3)
     x, cond, uncond = torch.randn(2, 4, 3, 8, 8), cache(PROMPTS), cache.negative(2)
     loss = lambda: hunyuan.velocity(tiny.transformer, x, 0.4, cond, uncond, 5.0).square().mean()
     reference = torch.autograd.grad(loss(), params, allow_unused=True)
@@ -381,10 +389,7 @@ def test_partial_gradient_checkpointing_recomputes_exactly_the_chosen_blocks(cac
     hunyuan.enable_gradient_checkpointing(tiny.transformer, blocks)
     grads = torch.autograd.grad(loss(), params, allow_unused=True)
     assert calls == expected
-    for a, b in zip(grads, reference):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_grads_close(grads, reference, atol=1e-6, rtol=1e-5)
     calls[:] = [0] * len(calls)
     with torch.no_grad():
         loss()

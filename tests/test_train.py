@@ -238,6 +238,14 @@ def test_two_updates_per_rollout_move_the_anchor_and_the_step_wise_kl(tmp_path):
         assert r["train/first_ratio_dev"] < 1e-6 and r["kl/vel"] > 0 and r["train/ratio_mean"] != 1.0
 
 
+def test_checkpoints_are_listed_by_step_number_not_by_name(tmp_path):
+    """`--resume_from_checkpoint latest` takes the last entry and the rotation deletes from the front, so
+    checkpoint-10 must sort after checkpoint-9 (a plain name sort puts it first)."""
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-2", "samples"):
+        (tmp_path / name).mkdir()
+    assert train.list_checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-{s}") for s in (2, 9, 10)]
+
+
 def test_resume_refuses_changed_options(two_steps, tmp_path):
     out, _ = two_steps
     with pytest.raises(ValueError, match="options differ from the checkpoint's.*'eta': \\(0.5, 0.7\\)"):
