@@ -143,6 +143,8 @@ class TarosCurriculum(StaticCurriculum):
         r = _groups(scores, G)  # (B, G, 3)
         w, g = taros_weights(r, self.tau, self.beta, self.k)  # (B, 3)
         S = hoyer_sparsity(r.transpose(1, 2))  # (B, 3)
+        # taros keeps no global state, so its "stage" for the logs is the component the groups weight most
+        # on average (1 visual, 2 temporal, 3 semantic): the 1-3 scale of self_paced's soft stage.
         stats = {**_group_stats(r, w, S), "stage": float(w.mean(0).argmax()) + 1}
         return (r * w[:, None]).sum(-1).view(-1), stats  # Eq. 8
 

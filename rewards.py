@@ -58,6 +58,7 @@ def check_videos(videos: torch.Tensor, prompts) -> None:
 
 def prompt_colour(prompt: str):
     """The first colour word of the prompt, as an RGB tuple, or None."""
+    # The first one: prompts name the subject first ("a red ball bouncing on green grass" is about the ball).
     for word in re.findall(r"[a-z]+", prompt.lower()):
         if word in COLOURS:
             return COLOURS[word]
@@ -112,6 +113,8 @@ def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size:
         # Reported here and left as NaN: grpo.group_advantages then drops the whole group (A = 0).
         bad = (~finite).any(dim=1).nonzero().flatten().tolist()
         warnings.warn(f"non-finite reward scores for samples {bad}; their groups get zero advantage")
+    # Out of range is a scorer bug, not a bad sample: the curriculum's thresholds are absolute scores in
+    # [0, 1] (curriculum.py Deviations 6), so such a value would silently decide its stages.
     if bool(((scores[finite] < 0) | (scores[finite] > 1)).any()):
         raise ValueError(f"a scorer returned values outside [0, 1]: {scores.min().item()}..{scores.max().item()}")
     return scores

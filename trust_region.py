@@ -95,6 +95,8 @@ class MovingAnchor:
 
     @torch.no_grad()
     def refresh(self) -> None:
+        # Copied into the existing snapshot tensors, not new ones, so they keep their device, dtype and
+        # (under FSDP2) sharding, and no memory is allocated at a refresh.
         for s, p in zip(self.snapshot, self.params):
             s.copy_(p.detach())
         self.num_refreshes += 1
