@@ -2,7 +2,7 @@
 
     python benchmark.py                      # GPU: full-size 8.3 B DiT, random bf16 weights, LoRA r=32
     python benchmark.py --model small --frames 9 --height 64 --width 64 --train_timesteps 1
-                                             # CPU: the same code on the 'small' backbone (~40 s, 2 cores)
+                                             # CPU: the same code on the small backbone (23 s on 2 cores)
 
 What it measures (README "Performance"), with the exact calls train.py makes:
 - rollout: `sde.rollout` of G videos over K SAGE steps, cond + uncond in one batched forward per step
