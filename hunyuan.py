@@ -1,7 +1,9 @@
 """HunyuanVideo-1.5 plumbing for GRPO: load the model parts, encode prompts, give the (CFG-guided) policy
-velocity, and decode latents to frames. No RL maths lives here.
+velocity, and decode latents to frames. No RL maths lives here; the names are those every backbone module
+exposes (backbones.py), which also holds the shared LoRA, checkpointing and freeze code.
 
-What it reproduces from diffusers' `HunyuanVideo15Pipeline` (diffusers 0.42.1), text-to-video only:
+What it reproduces from diffusers' `HunyuanVideo15Pipeline` (diffusers 0.42.1,
+diffusers/pipelines/hunyuan_video1_5/pipeline_hunyuan_video1_5.py), text-to-video only:
 - Prompt encoding (`_get_mllm_prompt_embeds`): the prompt goes into a system + user chat template, the
   Qwen2.5-VL language model runs on it, we keep `hidden_states[-3]` and crop the system-prompt tokens
   (108 at full scale), giving (N, 1000, 3584) + mask. ByT5 (`_get_byt5_prompt_embeds`) encodes only
@@ -30,7 +32,7 @@ Deviations / choices:
    a folder must hold the Diffusers layout. Otherwise we stop at once with the download command.
 5. LoRA weights are kept in float32 on a bf16 transformer: a bf16 weight has 8 mantissa bits, so an
    AdamW update smaller than 1/256 of the weight would be lost. peft casts the input to the LoRA dtype
-   and the sum back to the layer's dtype.
+   and the sum back to the layer's dtype (backbones.add_lora, shared with wan.py).
 6. The "tiny" backbone is the same classes with tiny configs, random weights from `seed`, a byte-level
    Qwen2 tokenizer built in code, a short system prompt and short text lengths (32 and 16 tokens).
    "small" is the same with a 4-layer, width-128 DiT and a 16-channel latent, for the CPU profile.
@@ -48,25 +50,29 @@ Test: `python -m pytest tests/test_hunyuan.py -q` (CPU, tiny backbone, about 10 
 """
 import inspect
 import math
-import os
 import re
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
                        HunyuanVideo15Transformer3DModel)
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
-from peft import LoraConfig
 from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5Config,
                           T5EncoderModel)
 
-BACKBONES = ("hunyuan15", "tiny", "small")
+import backbones
+
+FAMILY = "HunyuanVideo-1.5"
+PIPELINE_CLASS = "HunyuanVideo15Pipeline"        # model_index.json `_class_name` of its Diffusers folders
+BLOCK_CLASS = "HunyuanVideo15TransformerBlock"   # the FSDP wrap / checkpoint unit
+BACKBONES = ("hunyuan15", "tiny", "small")   # TODO(remove once train.py uses backbones.NAMES)
 DEFAULT_PRETRAINED = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v"
+HUB_IDS = {"hunyuan15": DEFAULT_PRETRAINED}
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+ATTENTION_PROCESSORS = ("diffusers", "valid")   # diffusers' masked processor, ours (Deviation 9)
 
 QWEN_LAYER = -3     # pipeline: num_hidden_layers_to_skip = 2 -> hidden_states[-(2 + 1)]
 IMAGE_TOKENS = 1    # Deviation 3; the pipeline uses 729 (SigLIP 27 x 27), all masked out in t2v
@@ -76,7 +82,7 @@ HUNYUAN_MAX_LENGTH, HUNYUAN_MAX_LENGTH_2, HUNYUAN_CROP_START = 1000, 256, 108
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.attn\."
                 r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
 
-# Tiny configs (ECOSYSTEM.md): same classes, a few thousand to a few million parameters, CPU-fast.
+# Tiny configs (built offline; tests/test_hunyuan.py checks them against the pipeline): same classes, a few thousand to a few million parameters, CPU-fast.
 TINY_TRANSFORMER = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
                         text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16,
@@ -135,7 +141,7 @@ def load_backbone(name: str, pretrained: str | None = None, device="cpu", dtype=
 
 
 def _load_hunyuan15(pretrained: str, dtype: torch.dtype) -> Backbone:
-    root = _find_weights(pretrained)
+    root = backbones.find_weights("hunyuan15", pretrained)   # Deviation 4
     tokenizer = Qwen2Tokenizer.from_pretrained(root, subfolder="tokenizer")
     tokenizer.padding_side = "right"   # the crop below assumes the template starts at position 0
     vae = AutoencoderKLHunyuanVideo15.from_pretrained(root, subfolder="vae", dtype=dtype)
@@ -154,30 +160,6 @@ def _load_hunyuan15(pretrained: str, dtype: torch.dtype) -> Backbone:
         spatial_factor=vae.config.spatial_compression_ratio, temporal_factor=vae.config.temporal_compression_ratio,
         latent_channels=vae.config.latent_channels, system_message=system_message,
         crop_start=HUNYUAN_CROP_START, max_length=HUNYUAN_MAX_LENGTH, max_length_2=HUNYUAN_MAX_LENGTH_2)
-
-
-def _find_weights(pretrained: str) -> str:
-    """Local folder holding the Diffusers layout, or a RuntimeError that says how to get one (Deviation 4)."""
-    if os.path.isdir(pretrained):
-        root, problem = pretrained, None
-    else:
-        import huggingface_hub
-        try:   # local_files_only: answers from the cache in milliseconds, never touches the network
-            root, problem = huggingface_hub.snapshot_download(pretrained, local_files_only=True), None
-        except Exception as err:   # not cached, offline, or not a valid repo id / path
-            root, problem = None, f"not a folder and not in the Hugging Face cache ({type(err).__name__})"
-    if root is not None:
-        missing = [sub for sub in SUBFOLDERS if not os.path.isdir(os.path.join(root, sub))]
-        problem = f"missing subfolders {missing}" if missing else None
-    if problem is None:
-        return root
-    repo = pretrained if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) else DEFAULT_PRETRAINED
-    raise RuntimeError(
-        f"HunyuanVideo-1.5 weights not found at {pretrained!r}: {problem}.\n"
-        f"Download them once (about 35 GB; this code never downloads implicitly):\n"
-        f"    hf download {repo} --local-dir checkpoints/hunyuanvideo15\n"
-        f"(older huggingface_hub: huggingface-cli download {repo} --local-dir checkpoints/hunyuanvideo15)\n"
-        f"then pass --pretrained checkpoints/hunyuanvideo15")
 
 
 def _build_tiny(seed: int, dtype: torch.dtype, transformer_config: dict = TINY_TRANSFORMER,
@@ -241,25 +223,20 @@ def _system_prefix_length(tokenizer, system_message: str) -> int:
 
 
 # (frames per latent frame after the first, pixels per token side = VAE factor x patch size) per backbone,
-# so train.py can reject a clip size in its option check, before any weights are read.
+# so backbones.check_request can reject a clip size before any weights are read.
 VIDEO_FACTORS = {"hunyuan15": (4, 16), "tiny": (2, 4), "small": (2, 4)}
+check_video_size = backbones.check_video_size   # TODO(remove once train.py calls backbones.check_request)
 
 
-def check_video_size(temporal: int, pixels: int, num_frames: int, height: int, width: int) -> None:
-    """Raise a ValueError with valid examples unless F = temporal k + 1 and H, W are multiples of `pixels`."""
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        raise ValueError(f"num_frames must be {temporal}k+1 (e.g. {8 * temporal + 1}, {20 * temporal + 1}, "
-                         f"{30 * temporal + 1}); got {num_frames}")
-    if height % pixels or width % pixels or height < pixels or width < pixels:
-        raise ValueError(f"height and width must be positive multiples of {pixels} (e.g. {30 * pixels}x"
-                         f"{53 * pixels}); got {height}x{width}")
+def _find_weights(pretrained: str) -> str:   # TODO(remove once train.py calls backbones.check_request)
+    return backbones.find_weights("hunyuan15", pretrained)
 
 
 def latent_shape(backbone, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(C, F', H', W') of the latent for a clip, with F' = (F - 1) / temporal + 1 (the VAE is causal: the
     first frame has its own latent) and H' = H / spatial."""
     t = backbone.temporal_factor
-    check_video_size(t, backbone.spatial_factor * backbone.transformer.config.patch_size, num_frames, height, width)
+    backbones.check_video_size(t, backbone.spatial_factor * backbone.transformer.config.patch_size, num_frames, height, width)
     return backbone.latent_channels, (num_frames - 1) // t + 1, height // backbone.spatial_factor, \
         width // backbone.spatial_factor
 
@@ -502,64 +479,68 @@ def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
 
 
 def enable_gradient_checkpointing(transformer, blocks: int | None = None) -> None:
-    """Gradient checkpointing of the first `blocks` DiT blocks (None or all: diffusers'
-    `enable_gradient_checkpointing()` itself). A checkpointed block keeps only its inputs for the backward
-    and runs its forward again there; the others keep their activations. So each block left out saves one
-    block forward per backward (about 1/3 of its training compute) and costs its activation memory
-    (configs/MEMORY.md). Which blocks are chosen changes nothing else: they all cost the same.
-
-    The choice is an attribute on each block, not a set of block objects, because a wrapper that replaces
-    the blocks (FSDP1 auto-wrap) still forwards attribute reads to the block inside."""
+    """Checkpoint the first `blocks` DiT blocks (None: all); see backbones.enable_gradient_checkpointing."""
     core = getattr(transformer, "module", transformer)
-    total = len(core.transformer_blocks)
-    blocks = total if blocks is None else blocks
-    if not 1 <= blocks <= total:
-        raise ValueError(f"--checkpointed_blocks {blocks}: this transformer has {total} blocks; choose 1..{total}")
-    if blocks == total:
-        core.enable_gradient_checkpointing()
-        return
-    for i, block in enumerate(core.transformer_blocks):
-        block.recompute_in_backward = i < blocks
-
-    def checkpoint_chosen(block, *args):   # diffusers calls this for every block when grad is enabled
-        if getattr(block, "recompute_in_backward", True):
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-        return block(*args)
-
-    core.enable_gradient_checkpointing(checkpoint_chosen)
+    backbones.enable_gradient_checkpointing(transformer, core.transformer_blocks, blocks)
 
 
 def freeze_unreachable(transformer) -> list[str]:
-    """Freezes the trainable parameters no gradient can reach, and returns their names.
+    """Freezes the trainable parameters no gradient can reach, and returns their names (Deviation 8).
 
     The last block's text-stream outputs (its text output projection and text MLP, and LoRA on them) feed
-    nothing: the transformer drops the text tokens after the last block. Left trainable they never get a
-    gradient, which DDP rejects ("parameters that were not used in producing loss") and which leaves holes
-    in the optimizer state that FSDP2's checkpoint loader rejects. Found by one backward on a 4-token latent
-    with both text streams valid, so every input path is exercised."""
-    core = getattr(transformer, "module", transformer)
-    cfg, param = core.config, next(p for p in core.parameters() if p.requires_grad)
-    x = torch.randn(1, cfg.out_channels, 1, 2, 2, device=param.device)
-    ones = torch.ones(1, 2, dtype=torch.long, device=param.device)
-    text = PromptEmbeds(torch.randn(1, 2, cfg.text_embed_dim, device=param.device), ones,
-                        torch.randn(1, 2, cfg.text_embed_2_dim, device=param.device), ones)
-    with torch.enable_grad():
-        velocity(core, x, 0.5, text, None, 1.0).square().mean().backward()
-    dead = [(n, p) for n, p in core.named_parameters() if p.requires_grad and p.grad is None]
-    for p in core.parameters():
-        p.grad = None
-    for _, p in dead:
-        p.requires_grad_(False)
-    return [n for n, _ in dead]
+    nothing: the transformer drops the text tokens after the last block. Found by one backward
+    (backbones.freeze_unreachable) on a 4-token latent with both text streams valid, so every input path
+    is exercised."""
+    def probe(core):
+        cfg, param = core.config, next(p for p in core.parameters() if p.requires_grad)
+        x = torch.randn(1, cfg.out_channels, 1, 2, 2, device=param.device)
+        ones = torch.ones(1, 2, dtype=torch.long, device=param.device)
+        text = PromptEmbeds(torch.randn(1, 2, cfg.text_embed_dim, device=param.device), ones,
+                            torch.randn(1, 2, cfg.text_embed_2_dim, device=param.device), ones)
+        return velocity(core, x, 0.5, text, None, 1.0)
+    return backbones.freeze_unreachable(transformer, probe)
 
 
 def add_lora(transformer, rank: int = 32, alpha: int = 64) -> list[nn.Parameter]:
-    """Freezes the transformer and adds gaussian-init LoRA (B = 0, so the policy starts unchanged) to the
-    DiT blocks' attention projections only. Returns the trainable parameters, in float32 (Deviation 5)."""
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
+    """LoRA on the DiT blocks' attention projections only (LORA_TARGETS), float32 (Deviation 5,
+    backbones.add_lora). Returns the trainable parameters."""
+    return backbones.add_lora(transformer, LORA_TARGETS, rank, alpha)
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmark.py: the full-size transformer with random weights, without any download
+
+
+def use_attention_processor(transformer, processor: str) -> None:
+    """"valid": ValidTokenAttnProcessor (Deviation 9, what load_backbone sets); "diffusers": diffusers' own."""
+    if processor not in ATTENTION_PROCESSORS:
+        raise ValueError(f"attention processor {processor!r}: {FAMILY} has {ATTENTION_PROCESSORS}")
+    use_valid_token_attention(transformer, enable=processor == "valid")
+
+
+def random_policy(name: str, device, dtype, num_frames: int, height: int, width: int, text_tokens: int):
+    """(transformer, latent (C, F', H', W'), cond, uncond) for `name`'s DiT with random weights: the 480p t2v
+    architecture (diffusers' class defaults with task_type="t2v") for hunyuan15, the tiny / small configs
+    otherwise. cond has `text_tokens` valid Qwen tokens and no glyph text, uncond ~14 (the empty prompt's
+    chat-template tokens), both trimmed like the cache output (Deviation 7)."""
+    if name == "hunyuan15":
+        with torch.device(device):   # allocate on the GPU directly: 8.3 B parameters
+            model = HunyuanVideo15Transformer3DModel(task_type="t2v").to(dtype)
+        channels = 32
+    else:
+        config = {"tiny": TINY_TRANSFORMER, "small": SMALL_TRANSFORMER}[name]
+        model = HunyuanVideo15Transformer3DModel(**config).to(device, dtype)
+        channels = config["out_channels"]
+    use_valid_token_attention(model)   # as load_backbone does for train.py
+    temporal, pixels = VIDEO_FACTORS[name]
+    backbones.check_video_size(temporal, pixels, num_frames, height, width)
+    spatial = pixels // model.config.patch_size
+    latent = (channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+    def embeds(tokens):
+        g = torch.Generator(device).manual_seed(tokens)
+        return PromptEmbeds(embeds=torch.randn(1, tokens, model.config.text_embed_dim, device=device, generator=g),
+                            mask=torch.ones(1, tokens, dtype=torch.long, device=device),
+                            embeds_2=torch.zeros(1, 1, model.config.text_embed_2_dim, device=device),
+                            mask_2=torch.zeros(1, 1, dtype=torch.long, device=device))
+    return model.eval(), latent, embeds(text_tokens), embeds(14)

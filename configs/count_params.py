@@ -48,3 +48,25 @@ print(f"LoRA r={r}: {len(hits)} Linear layers ({len(hits) // len(blocks)} per bl
 for name, m in [("VAE", vae), ("Qwen2.5-VL-7B text tower", qwen), ("ByT5-small encoder", byt5),
                 ("VideoAlign Qwen2-VL-2B (+rm_head 1536)", reward)]:
     print(f"{name:<40}{n(m) + (1536 if m is reward else 0):>15,}")
+
+# Wan2.1 T2V ([SPG]'s backbones): the hub configs as wan.REAL_TRANSFORMER writes them out, the VAE's class
+# defaults (= the Wan2.1 VAE) and umt5-xxl's encoder (text_encoder/config.json of the Diffusers folders).
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+import wan
+
+with torch.device("meta"):
+    wan_vae = AutoencoderKLWan()
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                       num_heads=64, feed_forward_proj="gated-gelu"))
+    for name, config in wan.REAL_TRANSFORMER.items():
+        wan_dit = WanTransformer3DModel(**config)
+        blocks = wan_dit.blocks
+        hits = [m for key, m in wan_dit.named_modules()
+                if isinstance(m, torch.nn.Linear) and re.fullmatch(wan.LORA_TARGETS, key)]
+        print(f"{name} DiT total{n(wan_dit):>23,}  ({len(blocks)} x WanTransformerBlock {n(blocks[0]):,} each)")
+        print(f"{name} LoRA r={r}: {len(hits)} Linear ({len(hits) // len(blocks)} per block) -> "
+              f"{sum(r * (m.in_features + m.out_features) for m in hits):,} parameters")
+print(f"{'Wan2.1 VAE':<40}{n(wan_vae):>15,}")
+print(f"{'umt5-xxl encoder':<40}{n(umt5):>15,}")
