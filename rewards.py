@@ -3,16 +3,21 @@
 
 The interface (SPEC §6)
 -----------------------
-    scorer(videos, prompts, fps) -> {"visual": (N,), "temporal": (N,), "semantic": (N,)}
+    scorer(videos, prompts, fps) -> {"visual": (N,), "temporal": (N,), "semantic": (N,), [diagnostic]: (N,) ...}
     videos: float (N, F, 3, H, W) in [0, 1];  prompts: list of N strings;  fps: frames per second
-Every score is float32 in [0, 1] and higher is better. A scorer runs under no_grad on the local
-process's samples; `score_batched` bounds the batch so a reward model never sees the whole rollout.
+Every score is float32 in [0, 1] and higher is better. Keys beyond the three components are per-sample
+diagnostics (e.g. the vlm judge's "judge_off_format_mass"), logged but never rewarded. A scorer runs under
+no_grad on the local process's samples; `score_batched` bounds the batch so a reward model never sees the
+whole rollout. `check_reward` runs every check that needs no weights before any model loads.
 
 Scorers
 -------
 - `videoalign`: VideoAlign / VideoReward ([VideoAlign], arXiv 2501.13918), heads VQ -> visual,
   MQ -> temporal, TA -> semantic, each standardized with the checkpoint's statistics and passed through
   a sigmoid (SPEC §6 choice). Implemented in videoalign.py, imported lazily (it needs transformers).
+- `vlm`: a frozen Qwen2.5-VL asked three questions about the video ([SPG]'s judge, our own prompts);
+  each score is the expected answer on a 0..9 scale read from the next-token distribution, mapped to
+  [0, 1]. Implemented in vlm_judge.py, imported lazily.
 - `proxy`: three cheap, deterministic, weight-free scores that are real learning signals on CPU:
     visual   = clamp(2 std(luma), 0, 1)                     frame contrast (a flat grey clip scores 0)
     temporal = exp(-mean |frame_{f+1} - frame_f| / 0.1)      1 for a still clip, falls with flicker
@@ -32,13 +37,16 @@ Run: `python -m pytest tests/test_rewards.py -q`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
-import warnings
 
 import torch
 
 COMPONENTS = ("visual", "temporal", "semantic")
+REWARDS = ("proxy", "videoalign", "vlm")
+DEFAULT_MODELS = {"videoalign": "KwaiVGI/VideoReward", "vlm": "Qwen/Qwen2.5-VL-7B-Instruct"}
+logger = logging.getLogger(__name__)
 
 COLOURS = {  # RGB targets in [0, 1] for the semantic proxy
     "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
@@ -98,41 +106,76 @@ class ProxyReward:
         return {"visual": visual, "temporal": temporal, "semantic": semantic}
 
 
-def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size: int) -> torch.Tensor:
-    """(N, 3) component scores in COMPONENTS order, scoring at most `batch_size` videos at a time."""
+def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size: int):
+    """(N, 3) component scores in COMPONENTS order and {diagnostic: (N,)}, at most `batch_size` videos a call."""
     check_videos(videos, prompts)
-    chunks = []
+    chunks, diagnostics = [], {}
     for start in range(0, videos.shape[0], batch_size):
         out = scorer(videos[start : start + batch_size], prompts[start : start + batch_size], fps)
         chunks.append(torch.stack([out[name].float() for name in COMPONENTS], dim=1))  # (n, 3)
+        for key in sorted(set(out) - set(COMPONENTS)):
+            diagnostics.setdefault(key, []).append(out[key].float())  # (n,)
     # Bounded chunks keep a reward model's memory independent of the rollout batch; the result is the
     # same as one call because every scorer is per-sample.
     scores = torch.cat(chunks)  # (N, 3)
+    diagnostics = {key: torch.cat(parts) for key, parts in diagnostics.items()}  # (N,) each
     finite = torch.isfinite(scores)
     if not bool(finite.all()):
-        # Reported here and left as NaN: grpo.group_advantages then drops the whole group (A = 0).
+        # Reported here and left as NaN: grpo.group_advantages then drops the whole group (A = 0). A logger,
+        # not warnings.warn: Python shows a warning text once per location, and this one recurs every step.
         bad = (~finite).any(dim=1).nonzero().flatten().tolist()
-        warnings.warn(f"non-finite reward scores for samples {bad}; their groups get zero advantage")
+        logger.warning("non-finite reward scores for samples %s (of %d); their groups get zero advantage",
+                       bad, scores.shape[0])
     # Out of range is a scorer bug, not a bad sample: the curriculum's thresholds are absolute scores in
     # [0, 1] (curriculum.py Deviations 6), so such a value would silently decide its stages.
     if bool(((scores[finite] < 0) | (scores[finite] > 1)).any()):
         raise ValueError(f"a scorer returned values outside [0, 1]: {scores.min().item()}..{scores.max().item()}")
-    return scores
+    return scores, diagnostics
 
 
-def build_reward(name: str, **kwargs):
-    """`proxy` or `videoalign` (kwargs go to videoalign.VideoAlignReward.from_pretrained).
+def check_reward(name: str, model=None, prompt_template_file=None) -> None:
+    """Every check of --reward / --reward_model / --reward_prompt_template that needs no weights (milliseconds
+    to a second or so: files, config.json, and for `vlm` the tokenizer files); call it before any model loads."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown --reward {name!r}; choose one of {REWARDS}")
+    if name == "proxy" and (model is not None or prompt_template_file is not None):
+        raise ValueError("--reward proxy uses no model: drop --reward_model and --reward_prompt_template")
+    if name == "videoalign":
+        import videoalign  # lazy: only its text helpers run here
 
-    `videoalign` with path="tiny" builds the random tiny Qwen2-VL twin (videoalign.build_tiny_videoalign) on
-    the same prompt / patchify / reward-token code, with the stand-in rubric unless a template file is named;
-    it exists so `train.py --backbone tiny --reward videoalign --reward_model tiny` runs that path on CPU."""
+        if prompt_template_file is None and model != "tiny":
+            raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
+        if prompt_template_file is not None:
+            videoalign.load_prompt_template(prompt_template_file)  # exists, and holds the rubric's slots
+    if name == "vlm":
+        import vlm_judge
+
+        vlm_judge.check_judge(model or DEFAULT_MODELS["vlm"], prompt_template_file)
+
+
+def build_reward(name: str, path=None, prompt_template_file=None, device="cpu", dtype=torch.float32,
+                 batch_size: int = 2, device_map=None):
+    """The scorer called `name` (REWARDS). `path` is the model folder or hub id (DEFAULT_MODELS when None);
+    path="tiny" builds the random tiny twin of `videoalign` or `vlm` on the same prompt / patchify / read-out
+    code, so `train.py --backbone tiny --reward <name> --reward_model tiny` runs that path on CPU.
+    device_map="auto" (vlm only) spreads a large judge over the visible GPUs instead of `device`."""
+    check_reward(name, path, prompt_template_file)
+    if device_map is not None and name != "vlm":
+        raise ValueError(f"--reward_device_map is for --reward vlm, not {name!r}")
     if name == "proxy":
-        return ProxyReward(**kwargs)
+        return ProxyReward()
+    path = path or DEFAULT_MODELS[name]
     if name == "videoalign":
         import videoalign  # lazy: pulls in the Qwen2-VL stack
 
-        if kwargs.get("path") == "tiny":
-            return videoalign.build_tiny_videoalign(kwargs.get("prompt_template_file") or videoalign.STAND_IN_TEMPLATE,
-                                                    batch_size=kwargs.get("batch_size", 2)).to(kwargs.get("device", "cpu"))
-        return videoalign.VideoAlignReward.from_pretrained(**kwargs)
-    raise ValueError(f"unknown reward {name!r}; choose 'proxy' or 'videoalign'")
+        if path == "tiny":
+            return videoalign.build_tiny_videoalign(prompt_template_file or videoalign.STAND_IN_TEMPLATE,
+                                                    batch_size=batch_size).to(device)
+        return videoalign.VideoAlignReward.from_pretrained(path, prompt_template_file, device=device, dtype=dtype,
+                                                           batch_size=batch_size)
+    import vlm_judge  # lazy: pulls in the Qwen2.5-VL stack
+
+    if path == "tiny":
+        return vlm_judge.build_tiny_judge(prompt_template_file, batch_size=batch_size).to(device=device, dtype=dtype)
+    return vlm_judge.VLMJudge.from_pretrained(path, prompt_template_file, device=device, dtype=dtype,
+                                              batch_size=batch_size, device_map=device_map)

@@ -8,6 +8,7 @@ train_reward.py, trainer.py; weights KwaiVGI/VideoReward, now also KlingTeam/Vid
 - Resize: Qwen's smart-resize (sides multiples of 28, 100,352 <= area <= 200,704 pixels, aspect kept),
   bicubic with antialias, on 8-bit frames; then x / 255 and the CLIP mean / std.
 - Qwen2-VL patches: (T/2 * h/14 * w/14, 3*2*14*14) rows, grid_thw = (T/2, h/14, w/14).
+  These three steps are `preprocess_video`, which the Qwen2.5-VL judge (vlm_judge.py) calls too.
 - Prompt: Qwen2-VL's chat template (default system turn, video before the text, generation prompt)
   around the rubric, with prod(grid_thw) / 4 `<|video_pad|>` tokens and the three reward tokens
   `<|VQ_reward|>`, `<|MQ_reward|>`, `<|TA_reward|>` added to the tokenizer after its vocabulary.
@@ -131,9 +132,16 @@ def patchify(frames: torch.Tensor, patch: int = 14, temporal: int = 2, merge: in
 
 def preprocess_video(video: torch.Tensor, fps: float, target_fps: float = 2.0, max_pixels: int = MAX_PIXELS,
                      min_pixels: int = MIN_PIXELS):
-    """One decoded clip (F, 3, H, W) in [0, 1] -> (pixel_values, grid_thw), VideoAlign's whole video path."""
+    """One decoded clip (F, 3, H, W) in [0, 1] -> (pixel_values, grid_thw, seconds_per_grid): the Qwen-VL
+    video path, shared by VideoAlign (Qwen2-VL) and the vlm judge (Qwen2.5-VL, vlm_judge.py).
+
+    seconds_per_grid = 2 / sample_fps with sample_fps = n / F * fps (qwen-vl-utils' definition): the
+    seconds one temporal patch spans, which Qwen2.5-VL's M-RoPE turns into time positions
+    (`second_per_grid_ts`); Qwen2-VL has no time axis and VideoAlign ignores it."""
     frames = to_uint8_levels(sample_frames(video, fps, target_fps).float())  # decoded frames are 8-bit
-    return patchify(normalize_clip(resize_for_qwen(frames, max_pixels, min_pixels)))
+    pixel_values, grid_thw = patchify(normalize_clip(resize_for_qwen(frames, max_pixels, min_pixels)))
+    seconds_per_grid = 2 * video.shape[0] / (frames.shape[0] * fps)  # 2 frames per temporal patch
+    return pixel_values, grid_thw, seconds_per_grid
 
 
 def check_template(text: str) -> str:
@@ -216,7 +224,7 @@ class VideoAlignReward(nn.Module):
         """Tokenised, right-padded chat texts plus the concatenated patches of every clip."""
         pixels, grids, ids = [], [], []
         for video, prompt in zip(videos, prompts):
-            pv, thw = preprocess_video(video, fps, self.target_fps, self.max_pixels, self.min_pixels)
+            pv, thw, _ = preprocess_video(video, fps, self.target_fps, self.max_pixels, self.min_pixels)
             text = build_chat_text(self.template, prompt, int(thw.prod()) // 4)  # 2x2 merge -> 1 token
             tok = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             counts = [int((tok == i).sum()) for i in [self.video_id] + self.reward_ids]

@@ -39,7 +39,8 @@ def test_score_batched_equals_one_call_and_checks_input():
     prompts = ["red", "blue", "green", "a cat", "white"]
     scorer = rewards.ProxyReward()
     one = scorer(v, prompts)
-    batched = rewards.score_batched(scorer, v, prompts, 8.0, batch_size=2)
+    batched, diagnostics = rewards.score_batched(scorer, v, prompts, 8.0, batch_size=2)
+    assert diagnostics == {}  # the proxy reports no diagnostics
     assert torch.allclose(batched, torch.stack([one[n] for n in rewards.COMPONENTS], 1))
     assert ((batched >= 0) & (batched <= 1)).all()
     with pytest.raises(ValueError, match=r"\(N, F, 3, H, W\)"):
@@ -48,13 +49,40 @@ def test_score_batched_equals_one_call_and_checks_input():
         scorer(v, prompts[:2])
 
 
-def test_nonfinite_scores_are_reported_not_hidden():
+def test_nonfinite_scores_are_reported_every_time_with_their_indices(caplog):
     def broken(videos, prompts, fps):
         out = rewards.ProxyReward()(videos, prompts, fps)
         out["visual"][0] = float("nan")
         return out
-    with pytest.warns(UserWarning, match="non-finite"):
-        scores = rewards.score_batched(broken, torch.rand(2, 2, 3, 4, 4), ["a", "b"], 8.0, 4)
-    assert torch.isnan(scores[0, 0])
-    with pytest.raises(ValueError, match="unknown reward"):
+    for _ in range(2):  # a repeated message is logged again (warnings.warn would show it once)
+        scores, _ = rewards.score_batched(broken, torch.rand(3, 2, 3, 4, 4), ["a", "b", "c"], 8.0, 2)
+    assert torch.isnan(scores[0, 0]) and torch.isnan(scores[2, 0]) and torch.isfinite(scores[1]).all()
+    logged = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(logged) == 2 and all("samples [0, 2]" in m for m in logged)
+
+
+def test_diagnostics_are_concatenated_per_sample_across_chunks():
+    def scorer(videos, prompts, fps):  # a diagnostic that names the sample it came from
+        out = rewards.ProxyReward()(videos, prompts, fps)
+        return {**out, "mean_level": videos.mean(dim=(1, 2, 3, 4))}
+    v = torch.rand(5, 2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    scores, diagnostics = rewards.score_batched(scorer, v, list("abcde"), 8.0, batch_size=2)
+    assert scores.shape == (5, 3) and sorted(diagnostics) == ["mean_level"]
+    torch.testing.assert_close(diagnostics["mean_level"], v.mean(dim=(1, 2, 3, 4)))
+
+
+def test_check_reward_refuses_bad_options_before_any_model_loads(tmp_path):
+    assert rewards.REWARDS == ("proxy", "videoalign", "vlm")
+    with pytest.raises(ValueError, match="unknown --reward 'clip'"):
+        rewards.check_reward("clip")
+    with pytest.raises(ValueError, match="unknown --reward"):
         rewards.build_reward("clip")
+    with pytest.raises(ValueError, match="--reward proxy uses no model"):
+        rewards.check_reward("proxy", "tiny")
+    with pytest.raises(ValueError, match="needs --reward_prompt_template.*prompt_template.py"):
+        rewards.check_reward("videoalign", "KwaiVGI/VideoReward")
+    rewards.check_reward("videoalign", "tiny")  # the tiny twin has a stand-in rubric
+    with pytest.raises(FileNotFoundError, match="DETAILED_PROMPT_WITH_SPECIAL_TOKEN"):
+        rewards.check_reward("videoalign", "tiny", tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="--reward_device_map is for --reward vlm"):
+        rewards.build_reward("proxy", device_map="auto")

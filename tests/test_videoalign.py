@@ -80,6 +80,14 @@ def test_frame_indices_follow_videoalign_uniform_sampling(num_frames, fps, expec
     assert va.sample_frames(video, fps)[:, 0, 0, 0].tolist() == expected
 
 
+@pytest.mark.parametrize("num_frames, fps, n", [(33, 24.0, 4), (49, 16.0, 6), (40, 4.0, 20)])
+def test_preprocess_video_gives_the_seconds_each_temporal_patch_spans(num_frames, fps, n):
+    """qwen-vl-utils: sample_fps = n / F * fps and second_per_grid_ts = 2 / sample_fps (Qwen2.5-VL's time axis)."""
+    pixel_values, grid, seconds = va.preprocess_video(torch.rand(num_frames, 3, 28, 28), fps, min_pixels=28 * 28)
+    assert grid.tolist() == [[n // 2, 2, 2]] and pixel_values.shape == (n // 2 * 4, 3 * 2 * 14 * 14)
+    assert seconds == pytest.approx(2 / (n / num_frames * fps), rel=1e-12)
+
+
 def test_frame_indices_cap_and_reject():
     assert len(va.frame_indices(2000, 1.0)) == 768  # 4000 wanted, capped at 768
     with pytest.raises(ValueError):
