@@ -34,6 +34,7 @@ Test: `python -m pytest tests/test_backbones.py tests/test_wan.py tests/test_hun
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -289,6 +290,26 @@ def freeze_unreachable(transformer, probe: Callable[[nn.Module], torch.Tensor]) 
     for _, p in dead:
         p.requires_grad_(False)
     return [n for n, _ in dead]
+
+
+VALIDATION = -1  # the "step" of validation and sample.py noise: prompt i with seed s gives the same video in both
+
+
+def derive_seed(*parts) -> int:
+    """A stable 62-bit seed from a tuple of ints/strings (Python's hash() of a str changes per process)."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def rollout_generators(seed: int, step: int, first_index: int, n: int, device) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, step, global sample index): a sample's x_T and every later
+    noise draw come from its own generator, so it is the same whatever the process count, the micro-batch
+    size or an interruption and resume."""
+    return [torch.Generator(device).manual_seed(derive_seed(seed, step, first_index + i)) for i in range(n)]
+
+
+def initial_noise(generators: list[torch.Generator], latent: tuple, device) -> torch.Tensor:
+    """x_T (N, C, F', H', W'): row i drawn from generators[i] (which then carries on to the SDE noise)."""
+    return torch.stack([torch.randn(latent, generator=g, device=g.device) for g in generators]).to(device)
 
 
 def velocity_fn(family, model, embeds, negative, guidance: float) -> Callable:

@@ -22,12 +22,13 @@ counts in `tests/test_train.py`.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
 
 import torch
+
+import logs
 
 
 class PhaseTimer:
@@ -154,6 +155,5 @@ def print_profile(timer, total, accelerator, model, step, output_dir) -> None:
         record["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"peak RSS {record['peak_memory_gib']:.2f} GiB")
     record["overhead"] = 1 - inside / total
-    with open(os.path.join(output_dir, "profile.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    logs.append_jsonl(os.path.join(output_dir, "profile.jsonl"), record)
     print(f"overhead: {100 * record['overhead']:.1f}% of the iteration outside model calls")

@@ -15,7 +15,9 @@ Each iteration runs five phases (SPEC §4), each a few calls into the concept mo
     5. log        metrics.jsonl, metrics.png, validation videos, checkpoints
 Lines that involve Accelerate or other processes are tagged `# [dist]`; each has an obvious single-process
 reading (gather = the tensor itself, accumulate/backward = loss.backward(), this process = all prompts).
-The model plumbing (loading, text encoding, CFG, decoding) is in hunyuan.py; profiling.py times the phases.
+The model plumbing (loading, text encoding, CFG, decoding) is in the backbone's family module (hunyuan.py,
+wan.py), reached through backbones.py; checkpoint.py saves and resumes, logs.py writes what a run leaves behind,
+profiling.py times the phases.
 Units: a "step" in the logs and `--max_steps` is an iteration (one rollout batch); `--anchor_every` and
 `--kl_ramp_steps` count optimizer updates (`--updates_per_rollout` per iteration, default 1).
 
@@ -33,42 +35,60 @@ Deviations / choices
 4. An update whose gradient norm is not finite is reported and skipped (gradients zeroed, no optimizer
    step; the anchor still counts the slot); three in a row stop the run with advice. Not under DeepSpeed:
    its engine clips and steps inside the last backward. fp16 is refused (NaN log-probs, SPEC §8): use bf16.
-5. LoRA checkpoints hold the adapter only (safetensors), not the 8.3 B frozen weights; the moving
-   anchor is saved once, or per process under FSDP, where each process holds its own shard of it.
-   Checkpoints are written by the main process and read by all: several nodes need a shared filesystem.
-   A resume must use the options the checkpoint was saved with (METHOD_FIELDS); it then replays exactly.
+   Every warning of an iteration is printed with its step number (logs.StepWarnings) and the `health/*`
+   metrics count non-finite scores, dropped groups and skipped updates per step.
+5. Checkpoints (checkpoint.py) are written to a temporary folder and renamed when complete, so a kill at any
+   moment leaves only complete ones; `--resume_from_checkpoint latest` takes the newest complete one. LoRA
+   checkpoints hold the adapter only (safetensors), not the 8.3 B frozen weights. A resume must use the
+   options the checkpoint was saved with (checkpoint.RUN_FIELDS, the prompt files' contents...); it then
+   replays exactly.
 6. Validation samples use the ODE (eta = 0) on fixed prompts and seeds; the base policy's scores on the
    same prompts and seeds are measured once before training and stored with the checkpoints.
 7. The reward of a validation video uses the raw components with equal weights (`val/total`), so it is
    comparable across curriculum stages.
 8. Parameters no gradient can reach (the last block's text-stream outputs) are frozen before `prepare`
-   (hunyuan.freeze_unreachable): DDP would reject them and FSDP2 checkpoints would lack their optimizer state.
+   (the family's freeze_unreachable): DDP would reject them and FSDP2 checkpoints would lack their optimizer state.
 9. An update accumulates its micro-batches with `accelerator.accumulate`, so DDP syncs once per update and
    DeepSpeed steps once per update; DeepSpeed's micro-batch, accumulation steps and clipping are set from
    the options before `prepare` (there is no DataLoader to infer them from).
 10. LoRA runs with DDP only; FSDP and DeepSpeed are for `--full` (they would checkpoint the whole model).
+11. Every collective call waits at most `--dist_timeout` seconds (default 600) for the other processes, so a
+    hung or dead peer stops the run in bounded time instead of torch's 30 minutes. The longest a process may
+    legitimately wait is one phase of imbalance between processes or the main process's checkpoint save
+    and validation videos; raise it if those take longer on your cluster.
+12. An update in which no sample carries signal (every advantage of the batch is 0, e.g. all groups dropped
+    or zero-spread, and no KL term acts) is skipped like a non-finite one and counted: AdamW's momentum and
+    weight decay would otherwise move the weights by about the learning rate with no signal at all.
+13. A bad option fails in `resolve` before any model, tokenizer or weight is touched, naming the option; on
+    the command line that is a usage error (exit 2). Options take no abbreviations.
+14. Full fine-tuning keeps the transformer's weights in float32 under bf16 mixed precision (autocast computes
+    in bf16): an AdamW update below 1/256 of a bf16 weight would round away (lr 5e-6 / 1e-5). FSDP2 and
+    DeepSpeed keep fp32 master weights themselves. LoRA weights are float32 always (backbones.add_lora).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
+import re
+import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+import backbones
+import checkpoint
 import curriculum
 import grpo
-import hunyuan
+import logs
 import profiling
 import rewards
 import sde
@@ -78,12 +98,14 @@ import trust_region
 @dataclass
 class Config:
     # model
-    backbone: str = field(default="hunyuan15", metadata={"help": f"one of {hunyuan.BACKBONES}; 'tiny' and 'small' run on CPU"})
+    backbone: str = field(default="hunyuan15", metadata={
+        "help": f"one of {backbones.NAMES}; 'tiny', 'small' and 'tiny-wan' run on CPU (presets: backbones.py)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "Diffusers folder or cached hub id (default: 480p t2v)"})
     full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA ([SAGE] trains all weights)"})
     lora_rank: int = field(default=32, metadata={"help": "[FlowGRPO] r = 32"})
     lora_alpha: int = field(default=64, metadata={"help": "[FlowGRPO] alpha = 64"})
-    gradient_checkpointing: Optional[bool] = field(default=None, metadata={"help": "default: on for hunyuan15"})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={
+        "help": "default: on for hunyuan15; a bare flag means True", "nargs": "?", "const": True})
     checkpointed_blocks: Optional[int] = field(default=None, metadata={
         "help": "with gradient checkpointing: recompute only the first N DiT blocks (default all 54; fewer is "
                 "faster and needs more memory, configs/MEMORY.md)"})
@@ -98,8 +120,8 @@ class Config:
     sde: str = field(default="sage", metadata={"help": f"one of {sde.KINDS[1:]}"})
     eta: float = field(default=0.5, metadata={"help": "[SAGE] 0.5; [FlowGRPO] 0.7; [CPS] 0.8; [Dance] 0.25"})
     num_steps: Optional[int] = field(default=None, metadata={"help": "K; [SAGE] 20 (tiny: 4)"})
-    shift: Optional[float] = field(default=None, metadata={"help": "SD3 shift; default from the scheduler config (5 at 480p)"})
-    guidance: float = field(default=6.0, metadata={"help": "CFG scale of the policy velocity ([SAGE] 6)"})
+    shift: Optional[float] = field(default=None, metadata={"help": "SD3 shift; default: preset, else the scheduler config (5 at 480p)"})
+    guidance: Optional[float] = field(default=None, metadata={"help": "CFG scale of the policy velocity ([SAGE] 6; Wan 5)"})
     # objective (SPEC §3-5)
     group_size: int = field(default=4, metadata={"help": "G; [SAGE] 4"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "videos per process per step, a multiple of G (default G)"})
@@ -116,17 +138,23 @@ class Config:
     kl_ramp_steps: int = field(default=100, metadata={"help": "optimizer updates over which lambda_KL ramps"})
     updates_per_rollout: int = field(default=1, metadata={"help": "optimizer steps fed by one rollout batch (Deviations 3)"})
     # reward (SPEC §6)
-    reward: Optional[str] = field(default=None, metadata={"help": "'videoalign' (hunyuan15 default) or 'proxy' (tiny default)"})
-    reward_model: Optional[str] = field(default=None, metadata={"help": "VideoReward folder or hub id; 'tiny' = random tiny model"})
+    reward: Optional[str] = field(default=None, metadata={
+        "help": "'videoalign' (default of the real backbones), 'vlm' (a Qwen2.5-VL judge, [SPG]) or 'proxy' (CPU ones)"})
+    reward_model: Optional[str] = field(default=None, metadata={
+        "help": "VideoReward or Qwen2.5-VL folder or hub id (defaults: KwaiVGI/VideoReward, Qwen/Qwen2.5-VL-7B-Instruct); "
+                "'tiny' = a random tiny model"})
     reward_prompt_template: Optional[str] = field(default=None, metadata={"help": "VideoAlign rubric text file"})
     reward_batch_size: int = field(default=2, metadata={"help": "videos per reward-model call"})
+    reward_device_map: Optional[str] = field(default=None, metadata={
+        "help": "'auto' spreads a large --reward vlm judge (72B) over the visible GPUs; default: the training GPU"})
     curriculum: str = field(default="self_paced", metadata={"help": f"one of {tuple(curriculum.CURRICULA)}"})
-    curriculum_tau: str = field(default="0.70,0.68", metadata={"help": "[SPG] thresholds for HunyuanVideo"})
+    curriculum_tau: Optional[str] = field(default=None, metadata={"help": "[SPG] thresholds (HunyuanVideo 0.70,0.68; Wan 0.75,0.75)"})
     curriculum_k: float = field(default=20.0, metadata={"help": "gate steepness (choice, SPEC §6)"})
     curriculum_beta: float = field(default=0.3, metadata={"help": "[SPG] Hoyer weight beta"})
     static_weights: str = field(default="0.5,0.5,1.0", metadata={"help": "static curriculum: [SAGE] Setting B"})
     # optimisation
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "default 3e-4 LoRA ([FlowGRPO]), 1e-5 full ([SAGE])"})
+    learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "default 3e-4 LoRA ([FlowGRPO]); full: the preset's ([SAGE] 1e-5, [SPG] Wan2.1-1.3B 5e-6)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay ([FlowGRPO])"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "[SAGE] 1.0"})
     max_steps: int = field(default=300, metadata={"help": "iterations (rollout batches); each makes --updates_per_rollout optimizer steps"})
@@ -135,19 +163,17 @@ class Config:
     output_dir: str = field(default="outputs/grpo", metadata={"help": "checkpoints, metrics, samples"})
     checkpointing_steps: int = field(default=50, metadata={"help": "save every N steps (0 = only at the end)"})
     checkpoints_total_limit: int = field(default=3, metadata={"help": "keep this many checkpoints"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint folder, or 'latest' (the newest complete one; a fresh start in an empty folder)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "delete the run already in --output_dir (its checkpoints, logs and samples) and start again"})
     validation_steps: int = field(default=25, metadata={"help": "ODE samples of the validation prompts every N steps"})
     profile: bool = field(default=False, metadata={"help": "print a per-phase time / model-call table (README)"})
+    dist_timeout: int = field(default=600, metadata={
+        "help": "seconds a process waits for its peers at a collective call before the run stops with an error "
+                "(Deviations 11)"})
 
 
-PRESETS = {  # backbone defaults for the fields left at None
-    "hunyuan15": dict(num_frames=81, height=352, width=624, fps=24, num_steps=20, micro_batch_size=1,
-                      reward="videoalign", gradient_checkpointing=True),
-    "small": dict(num_frames=9, height=64, width=64, fps=8, num_steps=8, micro_batch_size=None, reward="proxy",
-                  gradient_checkpointing=False),  # latent 16 x 5 x 16 x 16: the CPU profile of the README
-    "tiny": dict(num_frames=5, height=32, width=32, fps=8, num_steps=4, micro_batch_size=None, reward="proxy",
-                 gradient_checkpointing=False),
-}
 TRAIN_PROMPTS = ["a red ball bouncing on green grass", "a blue car driving through a city at night",
                  "a yellow kite flying over the beach", "a white swan gliding on a dark lake",
                  "a purple balloon rising into the sky", "an orange cat walking along a fence",
@@ -155,253 +181,219 @@ TRAIN_PROMPTS = ["a red ball bouncing on green grass", "a blue car driving throu
 VALIDATION_PROMPTS = ["a red fox running through snow", "a blue whale swimming under the ocean surface"]
 
 
-def read_prompts(path: Optional[str], default: list[str]) -> list[str]:
+class ConfigError(ValueError):
+    """A bad option: the message names it and says what to do. From the command line: usage error, exit 2."""
+
+
+def read_prompts(path: Optional[str], default: list[str], option: str) -> list[str]:
     if path is None:
         return default
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist (one prompt per line)")
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise ConfigError(f"{option} {path!r} does not exist (a text file, one prompt per line)") from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise ConfigError(f"{option} {path!r} is not a UTF-8 text file ({type(err).__name__}): one prompt per line") from None
     if not prompts:
-        raise ValueError(f"prompt file {path!r} holds no prompts (one prompt per line)")
+        raise ConfigError(f"{option} {path!r} holds no prompts (one prompt per line)")
     return prompts
 
 
-def parse_floats(text: str, n: int, name: str) -> list[float]:
-    """'0.5,0.5,1.0' -> [0.5, 0.5, 1.0], or a ValueError that names the option."""
+def parse_floats(text: str, n: int, option: str, low: float = 0.0, high: float = math.inf) -> list[float]:
+    """'0.5,0.5,1.0' -> [0.5, 0.5, 1.0], or a ConfigError that names the option."""
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         values = []
     if len(values) != n:
-        raise ValueError(f"{name} {text!r}: expected {n} comma-separated numbers")
+        raise ConfigError(f"{option} {text!r}: expected {n} comma-separated numbers")
+    if not all(low <= v <= high for v in values):  # also false for nan
+        raise ConfigError(f"{option} {text!r}: every number must be in [{low}, {high}]")
     return values
 
 
-def resolve(cfg: Config, num_processes: int) -> Config:
-    """Fill backbone presets and check every option before any model is loaded (fail in seconds)."""
-    if cfg.backbone not in hunyuan.BACKBONES:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {hunyuan.BACKBONES}")
-    for key, value in PRESETS[cfg.backbone].items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    hunyuan.check_video_size(*hunyuan.VIDEO_FACTORS[cfg.backbone], cfg.num_frames, cfg.height, cfg.width)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's big-model placements
+# One rule per numeric option: (options, test, what the value must be). NaN fails every comparison.
+RULES = [
+    (("num_steps", "group_size", "batch_size", "micro_batch_size", "lora_rank", "reward_batch_size", "max_steps",
+      "checkpoints_total_limit", "fps", "num_frames", "height", "width", "updates_per_rollout", "dist_timeout"),
+     lambda v: v >= 1, "an integer >= 1"),
+    (("checkpointing_steps", "validation_steps", "anchor_every", "kl_ramp_steps", "seed"),
+     lambda v: v >= 0, "an integer >= 0 (0 switches it off where that makes sense, see --help)"),
+    (("eta", "learning_rate", "clip_range", "adv_clip", "max_grad_norm", "curriculum_k", "lora_alpha", "shift"),
+     lambda v: 0 < v < math.inf, "a finite number > 0"),
+    (("beta_pos", "beta_vel", "kl_start", "kl_end", "weight_decay", "curriculum_beta", "guidance"),
+     lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    (("timestep_fraction",), lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+
+
+def resolve(cfg: Config) -> Config:
+    """The backbone's presets filled in and every option checked, before any model, tokenizer or weight is
+    touched, so a mistyped option costs seconds. Returns a new Config; the parsed one is left as it was."""
+    if cfg.backbone not in backbones.NAMES:
+        raise ConfigError(f"--backbone {cfg.backbone!r}: unknown backbone; choose one of {backbones.NAMES}")
+    preset = backbones.preset(cfg.backbone)
+    full_learning_rate = preset.pop("full_learning_rate")
+    cfg = replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    cfg = replace(cfg, batch_size=cfg.group_size if cfg.batch_size is None else cfg.batch_size, learning_rate=(
+        cfg.learning_rate if cfg.learning_rate is not None else full_learning_rate if cfg.full else 3e-4))
+    cfg = replace(cfg, micro_batch_size=cfg.batch_size if cfg.micro_batch_size is None else cfg.micro_batch_size)
+    for options, ok, must in RULES:
+        for option in options:
+            value = getattr(cfg, option)
+            if value is not None and not ok(value):
+                raise ConfigError(f"--{option} {value}: must be {must}")
     if cfg.sde not in sde.KINDS[1:]:
-        raise ValueError(f"unknown SDE kind {cfg.sde!r}; choose one of {sde.KINDS[1:]}")
+        raise ConfigError(f"--sde {cfg.sde!r}: unknown SDE kind; choose one of {sde.KINDS[1:]}")
     if cfg.curriculum not in curriculum.CURRICULA:
-        raise ValueError(f"unknown curriculum {cfg.curriculum!r}; choose one of {tuple(curriculum.CURRICULA)}")
-    cfg.batch_size = cfg.batch_size or cfg.group_size
+        raise ConfigError(f"--curriculum {cfg.curriculum!r}: unknown curriculum; choose one of {tuple(curriculum.CURRICULA)}")
     if cfg.group_size < 2 or cfg.batch_size % cfg.group_size:
-        raise ValueError(f"--batch_size {cfg.batch_size} (videos per process) must be a multiple of --group_size "
-                         f"{cfg.group_size} >= 2, so that every prompt's group stays on one process")
-    cfg.micro_batch_size = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+        raise ConfigError(f"--batch_size {cfg.batch_size} (videos per process) must be a multiple of --group_size "
+                          f"{cfg.group_size} >= 2, so that every prompt's group stays on one process")
+    cfg = replace(cfg, micro_batch_size=min(cfg.micro_batch_size, cfg.batch_size))  # larger means the whole batch
     if cfg.batch_size % cfg.micro_batch_size:
-        raise ValueError(f"--micro_batch_size {cfg.micro_batch_size} must divide --batch_size {cfg.batch_size}")
-    if cfg.reward not in ("proxy", "videoalign"):
-        raise ValueError(f"unknown reward {cfg.reward!r}; choose 'proxy' or 'videoalign'")
-    if cfg.reward == "videoalign" and cfg.reward_model != "tiny" and not cfg.reward_prompt_template:
-        import videoalign
-
-        raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
+        raise ConfigError(f"--micro_batch_size {cfg.micro_batch_size} must divide --batch_size {cfg.batch_size}")
     if cfg.checkpointed_blocks is not None and not cfg.gradient_checkpointing:
-        raise ValueError(f"--checkpointed_blocks {cfg.checkpointed_blocks} needs --gradient_checkpointing True")
+        raise ConfigError(f"--checkpointed_blocks {cfg.checkpointed_blocks} needs --gradient_checkpointing True")
     if cfg.checkpointed_blocks is not None and cfg.checkpointed_blocks < 1:
-        raise ValueError(f"--checkpointed_blocks {cfg.checkpointed_blocks} must be >= 1 (the number of blocks "
-                         f"checkpointed; for none, pass --gradient_checkpointing False)")
-    if cfg.eta <= 0:
-        raise ValueError(f"--eta {cfg.eta}: must be > 0 (eta = 0 is the deterministic ODE, which has no log-prob to train)")
-    if not 0 < cfg.timestep_fraction <= 1:
-        raise ValueError(f"--timestep_fraction {cfg.timestep_fraction} must be in (0, 1]")
-    k_stochastic = cfg.num_steps - 1 if cfg.sde == "cps" else cfg.num_steps  # cps's last step is deterministic
-    k_train = math.ceil(cfg.timestep_fraction * k_stochastic)
-    if cfg.updates_per_rollout < 1 or k_train % cfg.updates_per_rollout:
-        raise ValueError(f"--updates_per_rollout {cfg.updates_per_rollout} must divide the {k_train} trained steps")
-    if cfg.anchor_every < 0 or cfg.anchor_every % cfg.updates_per_rollout:
-        raise ValueError(f"--anchor_every {cfg.anchor_every} must be >= 0 (0 = fixed anchor) and a multiple of "
-                         f"--updates_per_rollout {cfg.updates_per_rollout}, so the anchor moves between rollouts")
-    parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau"), parse_floats(cfg.static_weights, 3, "--static_weights")
-    if cfg.max_steps < 1 or cfg.checkpoints_total_limit < 1:
-        raise ValueError("--max_steps and --checkpoints_total_limit must be >= 1")
+        raise ConfigError(f"--checkpointed_blocks {cfg.checkpointed_blocks} must be >= 1 (the number of blocks "
+                          f"checkpointed; for none, pass --gradient_checkpointing False)")
+    if cfg.sde == "cps" and cfg.eta > 1:
+        raise ConfigError(f"--sde cps --eta {cfg.eta}: cps needs eta in (0, 1] (its noise share is sin(eta pi / 2))")
+    try:  # the schedule's own rules, on K numbers: no model involved
+        stochastic = sde.step_variances(sde.sigma_schedule(cfg.num_steps, cfg.shift or 1.0), cfg.sde, cfg.eta) > 0
+    except ValueError as err:
+        raise ConfigError(f"--sde {cfg.sde} --eta {cfg.eta} --num_steps {cfg.num_steps}: {err}") from None
+    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # cps's last step is deterministic
+    if k_train < 1:
+        raise ConfigError(f"--num_steps {cfg.num_steps}: {cfg.sde} has no stochastic step to train; use more steps")
+    if k_train % cfg.updates_per_rollout:
+        raise ConfigError(f"--updates_per_rollout {cfg.updates_per_rollout} must divide the {k_train} trained steps")
+    if cfg.anchor_every % cfg.updates_per_rollout:
+        raise ConfigError(f"--anchor_every {cfg.anchor_every} must be >= 0 (0 = fixed anchor) and a multiple of "
+                          f"--updates_per_rollout {cfg.updates_per_rollout}, so the anchor moves between rollouts")
+    parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau", 0.0, 1.0)
+    if sum(parse_floats(cfg.static_weights, 3, "--static_weights")) <= 0:
+        raise ConfigError(f"--static_weights {cfg.static_weights!r}: at least one weight must be > 0")
+    read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts"), read_prompts(cfg.validation_prompts, [], "--validation_prompts")
+    if cfg.reward_prompt_template and not os.path.isfile(cfg.reward_prompt_template):
+        raise ConfigError(f"--reward_prompt_template {cfg.reward_prompt_template!r} does not exist")
+    if cfg.reward_device_map is not None and (cfg.reward != "vlm" or cfg.reward_device_map not in DEVICE_MAPS):
+        raise ConfigError(f"--reward_device_map {cfg.reward_device_map!r}: one of {DEVICE_MAPS}, with --reward vlm only")
     if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder")
-    if cfg.learning_rate is None:
-        cfg.learning_rate = 1e-5 if cfg.full else 3e-4
+        raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder (or pass 'latest')")
+    try:  # the clip size and, for real models, the weights folder (no weights are read)
+        backbones.check_request(cfg.backbone, cfg.pretrained, cfg.num_frames, cfg.height, cfg.width)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"--backbone {cfg.backbone}: {err}") from None
+    try:  # the reward's files, and for a judge its config and tokenizer (no weights are read)
+        rewards.check_reward(cfg.reward, cfg.reward_model, cfg.reward_prompt_template)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------------
-# Small helpers that only wire things (the maths lives in the concept modules)
-
-
-def derive_seed(*parts) -> int:
-    """A stable 62-bit seed from a tuple of ints/strings (Python's hash() of a str changes per process)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-
-
-def rollout_generators(seed: int, step: int, first_index: int, n: int, device) -> list[torch.Generator]:
-    """One generator per sample from (seed, step, global sample index): Deviations 2."""
-    return [torch.Generator(device).manual_seed(derive_seed(seed, step, first_index + i)) for i in range(n)]
-
-
-def save_videos(videos: torch.Tensor, paths: list[str], fps: int) -> None:
-    """GIFs always; MP4 too when imageio-ffmpeg is installed."""
-    import imageio.v3 as iio  # lazy: only the main process writes videos
-
-    for video, path in zip(videos, paths):
-        frames = (video.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()  # (F, H, W, 3)
-        iio.imwrite(path + ".gif", frames, extension=".gif", duration=1000 / fps, loop=0)
-        try:
-            iio.imwrite(path + ".mp4", frames, extension=".mp4", fps=fps)
-        except Exception:  # no video writer installed: the GIF is enough
-            pass
-
-
-def plot_metrics(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("reward", ["reward/mixed", "reward/visual", "reward/temporal", "reward/semantic"]),
-              ("KL", ["kl/pos", "kl/vel", "train/approx_kl"]), ("grad norm", ["train/grad_norm"]),
-              ("curriculum weights", ["curriculum/w_visual", "curriculum/w_temporal", "curriculum/w_semantic"]),
-              ("validation (ODE) vs base", ["val/total", "val/base_total"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=key.split("/")[-1], marker="." if title.startswith("val") else None)
-        ax.set_title(title), ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    # fixed margins: tight_layout measures every tick label, a large part of a plot's cost
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.91, wspace=0.3)
-    fig.savefig(path, dpi=80), plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
 def main(cfg: Config) -> list[dict]:
-    # ---- setup ------------------------------------------------------------------------------------
-    accelerator = Accelerator()  # [dist] reads `accelerate config` / launch flags (mixed precision, FSDP...)
-    cfg = resolve(cfg, accelerator.num_processes)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # [dist]
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
-        raise ValueError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
-                         "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
-    set_seed(cfg.seed)  # model init of the tiny backbone and LoRA; rollouts use their own generators
+    # ---- setup: every option checked first, then the output folder, then the models ----------------
+    cfg = resolve(cfg)
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])  # [dist]
+    check_launch(cfg, accelerator)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    if weight_dtype == torch.float16:
-        raise ValueError("fp16 gives NaN log-probs in the reference setups (SPEC §8); use --mixed_precision bf16")
-    train_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS)
-    val_prompts = read_prompts(cfg.validation_prompts, VALIDATION_PROMPTS)
-    backbone = hunyuan.load_backbone(cfg.backbone, cfg.pretrained, device=device, dtype=weight_dtype, seed=cfg.seed)
-    latent = hunyuan.latent_shape(backbone, cfg.num_frames, cfg.height, cfg.width)  # (C, F', H', W')
-    shift = cfg.shift if cfg.shift is not None else backbone.shift
-    sigmas = sde.sigma_schedule(cfg.num_steps, shift)  # (K+1,)
-    stochastic = sde.step_variances(sigmas, cfg.sde, cfg.eta) > 0  # (K,) validates the schedule too
-    S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()).to(device)  # (K,)
+    train_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts")
+    val_prompts = read_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
+    identity = checkpoint.run_identity(cfg, world, accelerator.mixed_precision, train_prompts, val_prompts)
+    resume = checkpoint.claim_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, identity)
+    if cfg.overwrite_output_dir and accelerator.is_main_process:  # [dist]
+        checkpoint.clear_run(cfg.output_dir)
+    accelerator.wait_for_everyone()  # [dist] nobody writes before the old run is gone
+    set_seed(cfg.seed)  # model init of the tiny backbone and LoRA; rollouts use their own generators
+    weight_dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    family = backbones.module(cfg.backbone)  # hunyuan.py or wan.py: the same functions (backbones.py)
+    backbone = family.load_backbone(cfg.backbone, cfg.pretrained, device=device, dtype=weight_dtype, seed=cfg.seed)
+    latent = family.latent_shape(backbone, cfg.num_frames, cfg.height, cfg.width)  # (C, F', H', W')
 
-    # The 7B text encoder is needed only here: after this, its ~14 GB (bf16) go back to the CPU and every
-    # rollout and training step reads cached embeddings.
-    text = hunyuan.PromptCache(backbone)  # every prompt encoded once; then the encoders leave the GPU
+    # Derived quantities, in one place: the schedule, which steps are stochastic, the equalizer, K_train.
+    sigmas = sde.sigma_schedule(cfg.num_steps, cfg.shift if cfg.shift is not None else backbone.shift)  # (K+1,)
+    stochastic = sde.step_variances(sigmas, cfg.sde, cfg.eta) > 0  # (K,) cps: the last step is deterministic
+    S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()).to(device)  # (K,)
+    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # trained steps per sample
+
+    # Every prompt is encoded once; then the (7B) text encoders leave the GPU and only the cache is read.
+    text = family.PromptCache(backbone)
     text(train_prompts + val_prompts)
     negative = text.negative(1)
     text.offload_encoders()
 
     model = backbone.transformer
-    params = hunyuan.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
-    hunyuan.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
+    if cfg.full and weight_dtype != torch.float32:  # Deviations 14: fp32 master weights, bf16 compute (autocast)
+        model.float()
+    params = family.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
+    family.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
     params = [p for p in params if p.requires_grad]
     if cfg.gradient_checkpointing:
-        hunyuan.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
+        family.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
-    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # as resolve() checked it
     accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)  # [dist]
-    if deepspeed:  # [dist] no DataLoader tells DeepSpeed these (configs/deepspeed_zero2.yaml leaves them out)
-        accelerator.state.deepspeed_plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
-            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
+    configure_deepspeed(cfg, accelerator)  # [dist]
     model, optimizer = accelerator.prepare(model, optimizer)  # [dist]
     params = [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP replaces the tensors
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
-    tau = tuple(parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau"))
     cur = curriculum.build_curriculum(cfg.curriculum, **(
-        {"weights": parse_floats(cfg.static_weights, 3, "--static_weights")} if cfg.curriculum == "static"
-        else {"tau": tau, "k": cfg.curriculum_k, "beta": cfg.curriculum_beta}))
-    scorer = (rewards.build_reward("proxy") if cfg.reward == "proxy" else rewards.build_reward(
-        "videoalign", path=cfg.reward_model or "KwaiVGI/VideoReward", prompt_template_file=cfg.reward_prompt_template,
-        device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32, batch_size=cfg.reward_batch_size))
+        {"weights": parse_floats(cfg.static_weights, 3, "--static_weights")} if cfg.curriculum == "static" else
+        {"tau": tuple(parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau")), "k": cfg.curriculum_k, "beta": cfg.curriculum_beta}))
+    scorer = rewards.build_reward(cfg.reward, path=cfg.reward_model, prompt_template_file=cfg.reward_prompt_template,
+                                  device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32,
+                                  batch_size=cfg.reward_batch_size, device_map=cfg.reward_device_map)
     timer = profiling.PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
     accelerator.print(  # [dist] one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
-        f"trained_steps={k_train} G={cfg.group_size} "
-        f"batch/process={cfg.batch_size} num_processes={world} precision={accelerator.mixed_precision} "
-        f"{'full' if cfg.full else 'LoRA'} trainable={sum(p.numel() for p in params) / 1e6:.2f}M "
-        f"reward={cfg.reward} curriculum={cfg.curriculum}")
-    if not cfg.full:  # [dist] Deviations 5: accelerate saves optimizer and RNG, the adapter is saved by us
+        f"trained_steps={k_train} G={cfg.group_size} batch/process={cfg.batch_size} num_processes={world} "
+        f"precision={accelerator.mixed_precision} {'full' if cfg.full else 'LoRA'} "
+        f"trainable={sum(p.numel() for p in params) / 1e6:.2f}M reward={cfg.reward} curriculum={cfg.curriculum}")
+    if not cfg.full:  # [dist] accelerate saves optimizer and RNG; the adapter is saved by checkpoint.save
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
     def velocity_fn(embeds):  # the policy velocity for one micro-batch of prompts (CFG inside)
-        uncond = negative.repeat_interleave(len(embeds))  # once per micro-batch, not once per step
-        return lambda x, sigma: hunyuan.velocity(model, x, sigma, embeds, uncond, cfg.guidance)
+        return backbones.velocity_fn(family, model, embeds, negative, cfg.guidance)
 
-    def sample_videos(embeds, x_T, gens, kind, eta) -> sde.Trajectory:  # micro-batched rollout
-        mb = cfg.micro_batch_size
-        return sde.Trajectory.cat([
-            sde.rollout(velocity_fn(embeds[i : i + mb]), x_T[i : i + mb], sigmas, kind, eta, gens[i : i + mb])
-            for i in range(0, len(embeds), mb)])
+    def sample_videos(embeds, x_T, gens, kind, eta) -> sde.Trajectory:  # the micro-batched rollout
+        return backbones.sample(family, model, embeds, negative, x_T, gens, sigmas, kind, eta, cfg.guidance,
+                                cfg.micro_batch_size)
 
-    def score(videos, prompts) -> torch.Tensor:  # (n, 3) components in [0, 1]
-        return rewards.score_batched(scorer, videos, prompts, cfg.fps, cfg.reward_batch_size).to(device)
+    def score(videos, prompts):  # (n, 3) components in [0, 1] and the scorer's per-sample diagnostics
+        scores, diagnostics = rewards.score_batched(scorer, videos, prompts, cfg.fps, cfg.reward_batch_size)
+        return scores.to(device), {k: v.to(device) for k, v in diagnostics.items()}
 
     def validate(tag: str) -> dict:  # ODE samples of the validation prompts, same noise every time
         n = len(val_prompts)
-        x_T = torch.randn((n, *latent), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
+        gens = backbones.rollout_generators(cfg.seed, backbones.VALIDATION, 0, n, device)  # the same at every validation
+        x_T = backbones.initial_noise(gens, latent, device)
         with torch.no_grad():
-            traj = sample_videos(text(val_prompts), x_T, rollout_generators(cfg.seed, -1, 0, n, device), "ode", 0.0)
-            videos = hunyuan.decode(backbone, traj.latents[:, -1])
-        s = score(videos, val_prompts)
+            traj = sample_videos(text(val_prompts), x_T, gens, "ode", 0.0)
+            videos = family.decode(backbone, traj.latents[:, -1])
+        s = score(videos, val_prompts)[0]
         if accelerator.is_main_process:  # [dist]
             os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-            save_videos(videos, [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in range(n)], cfg.fps)
+            logs.save_videos(videos, [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in range(n)], cfg.fps)
         return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
 
-    # ---- resume -----------------------------------------------------------------------------------
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    os.makedirs(ckpt_root, exist_ok=True)
-    start_step, state = 0, {}
-    resume = cfg.resume_from_checkpoint
-    if resume == "latest":
-        found = list_checkpoints(ckpt_root)
-        resume = found[-1] if found else None
-    if resume:
-        state = load_checkpoint(resume, accelerator, model, cfg, anchor, cur)
-        start_step = state["step"]
-    if "base_val" in state:  # Deviations 6: the base policy is measured once, before any update
-        base_val = state["base_val"]
-    else:
-        base_val = validate("base") if cfg.validation_steps and not resume else {}
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")  # one row of scalars per step (README)
-    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # per-sample prompts, scores, rewards, advantages
+    # ---- resume: the newest complete checkpoint, or a fresh start -----------------------------------
+    state = checkpoint.load(resume, accelerator, model, anchor, cur, identity, cfg.full) if resume else {}
+    start_step = state.get("step", 0)
+    # Deviations 6: the base policy is measured once, before any update, and kept in the checkpoints
+    base_val = state["base_val"] if "base_val" in state else validate("base") if cfg.validation_steps else {}
+    paths = {name: os.path.join(cfg.output_dir, f"{name}.jsonl") for name in ("metrics", "samples", "profile")}
     history = []
-    if accelerator.is_main_process:  # [dist]
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-        profile_path = os.path.join(cfg.output_dir, "profile.jsonl")
-        for path in (metrics_path, samples_path, profile_path):  # keep rows up to the resumed step, drop the rest
-            rows = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    rows = [r for r in map(json.loads, f) if r["step"] <= start_step]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            history = rows if path == metrics_path else history
+    if accelerator.is_main_process:  # [dist] the rows after the checkpoint are replayed: drop them
+        logs.write_json(os.path.join(cfg.output_dir, "config.json"), {**asdict(cfg), "run_identity": identity})
+        history = [logs.truncate_jsonl(p, start_step) for p in paths.values()][0]
 
     # ---- loop -------------------------------------------------------------------------------------
     N = cfg.batch_size  # videos on this process
@@ -412,203 +404,193 @@ def main(cfg: Config) -> list[dict]:
         t_step = time.perf_counter()
         timer.reset()
         model.eval()  # no dropout anywhere, but be explicit: rollout and training forwards must agree
+        with logs.StepWarnings(step + 1) as warned, dist_errors(cfg.dist_timeout, world):
+            # 1. sample: this process's prompts (whole groups), one noise stream per sample
+            with timer("rollout"):
+                prompts = local_prompts(train_prompts, cfg, step, rank, world)  # (N,) groups consecutive
+                gens = backbones.rollout_generators(cfg.seed, step, rank * N, N, device)
+                # x_T and every later noise draw of sample i come from its own generator (Deviations 2)
+                x_T = backbones.initial_noise(gens, latent, device)
+                embeds = text(prompts)  # cached embeddings of this process's prompts, for rollout and training
+                traj = sample_videos(embeds, x_T, gens, cfg.sde, cfg.eta)
 
-        # 1. sample: this process's prompts (whole groups), one noise stream per sample
-        with timer("rollout"):
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, step, "prompts"))
-            order = torch.randint(len(train_prompts), (N // cfg.group_size * world,), generator=g)
-            local = order.view(world, -1)[rank].tolist()  # [dist] this process's share of the prompts
-            prompts = [train_prompts[i] for i in local for _ in range(cfg.group_size)]  # (N,) groups consecutive
-            gens = rollout_generators(cfg.seed, step, rank * N, N, device)
-            # x_T and every later noise draw of sample i come from its own generator, so the sample is the same
-            # whatever the process count or micro-batch size, and a resumed run redraws it exactly.
-            x_T = torch.stack([torch.randn(latent, generator=gen, device=gen.device) for gen in gens]).to(device)
-            embeds = text(prompts)  # cached embeddings of this process's prompts, for rollout and training
-            traj = sample_videos(embeds, x_T, gens, cfg.sde, cfg.eta)
+            # 2. reward: decode, score three components, mix them with the curriculum
+            with timer("decode"):
+                videos = family.decode(backbone, traj.latents[:, -1])  # (N, F, 3, H, W)
+            with timer("reward"):
+                scores, diagnostics = score(videos, prompts)  # (N, 3), {name: (N,)}
+                # The curriculum's competence is global (the whole batch over all processes), while the mixing
+                # below uses each group's own scores, which all live on this process.
+                all_scores = accelerator.gather(scores)  # [dist] curriculum state must agree on every process
+                cur.update(all_scores.nanmean(0))  # competence includes this batch, then the weights follow
+                mixed, cstats = cur.reward(scores, cfg.group_size)  # (N,)
 
-        # 2. reward: decode, score three components, mix them with the curriculum
-        with timer("decode"):
-            videos = hunyuan.decode(backbone, traj.latents[:, -1])  # (N, F, 3, H, W)
-        with timer("reward"):
-            scores = score(videos, prompts)  # (N, 3)
-            # The curriculum's competence is global (the whole batch over all processes), while the mixing
-            # below uses each group's own scores, which all live on this process.
-            all_scores = accelerator.gather(scores)  # [dist] curriculum state must agree on every process
-            cur.update(all_scores.nanmean(0))  # competence includes this batch, then the weights follow
-            mixed, cstats = cur.reward(scores, cfg.group_size)  # (N,)
-
-        # 3. advantage within each group (all on this process: Deviations 1)
-        A = grpo.group_advantages(mixed, cfg.group_size, clip=cfg.adv_clip)  # (N,)
-
-        # 4. update: every trained step of every sample; anchor means first, at rollout time
-        steps = grpo.select_timesteps(N * world, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
-            derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
-        micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
-        with timer("anchor"):
-            # The anchor's means for every trained (sample, step) are computed now, under no_grad with the
-            # anchor's weights swapped in, so the training loop below never runs a second model.
-            mu_anchor = {}
-            if cfg.beta_pos > 0 and not anchor.is_current:  # right after a refresh the anchor IS mu_old
-                with torch.no_grad(), anchor.swapped_in():
-                    for j in range(steps.shape[1]):
-                        mu_anchor[j] = torch.cat([sde.policy_step(velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j],
-                                                                  cfg.sde, cfg.eta)[0] for mb in micro])
-        # lambda_KL follows the update count, so it is the same whatever --max_steps is and after a resume.
-        lam = trust_region.kl_coefficient(anchor.num_updates, cfg.kl_start, cfg.kl_end, cfg.kl_ramp_steps)
-        stats, grad_norms = [], []
-        with timer("train"):
-            model.train()
-            for cols in torch.arange(steps.shape[1]).chunk(cfg.updates_per_rollout):  # Deviations 3
-                for j, mb in [(j, mb) for j in cols.tolist() for mb in micro]:
-                    # accumulate: no gradient sync until the update's last micro-batch, where sync_gradients
-                    # turns true; the loss is divided by the number of micro-batches (DeepSpeed: by its engine).
-                    with accelerator.accumulate(model):  # [dist]
-                        # No extra autocast: `prepare` already wraps the forward for rollout and training alike,
-                        # and any difference between the two paths would break ratio = 1 (SPEC §8).
-                        loss, st = grpo.trained_step_loss(
-                            velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j], A[mb], cfg.sde, cfg.eta, S,
-                            mu_anchor[j][mb] if j in mu_anchor else None, lam, cfg.beta_pos, cfg.beta_vel,
-                            cfg.clip_range)
-                        with timer.backward():
-                            accelerator.backward(loss)  # [dist] the mean over the trained (i, t) pairs
-                    stats.append(st)
-                assert accelerator.sync_gradients  # [dist] the accumulation boundary is this update's end
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # [dist]
-                # DeepSpeed clips and steps inside its engine and returns a float or None here
-                grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
-                if torch.isfinite(grad_norm) or deepspeed:
-                    optimizer.step()
-                    skipped_in_a_row = 0
-                else:  # Deviations 4
-                    warnings.warn(f"step {step}: non-finite gradient norm; update skipped")
-                    skipped_in_a_row += 1
-                    if skipped_in_a_row >= 3:
-                        raise FloatingPointError("three updates in a row had non-finite gradients: lower "
-                                                 "--learning_rate, check the reward scores, use bf16 not fp16")
-                anchor.step()  # counts update slots, skipped ones too, so refreshes fall between rollouts
-                optimizer.zero_grad(set_to_none=True)
-                grad_norms.append(float(grad_norm))
-
-        # 5. log, validate, checkpoint
-        with timer("log"):
-            row = {"step": step + 1, "lr": cfg.learning_rate, "lambda_kl": lam, "anchor/refreshes": anchor.num_refreshes}
-            comp = all_scores.nanmean(0)
-            row.update({f"reward/{c}": comp[j].item() for j, c in enumerate(rewards.COMPONENTS)})
+            # 3. advantage within each group (all on this process: Deviations 1)
+            A = grpo.group_advantages(mixed, cfg.group_size, clip=cfg.adv_clip)  # (N,)
             all_mixed, all_A = accelerator.gather(mixed), accelerator.gather(A)  # [dist] global sample order
-            row["reward/mixed"] = all_mixed.nanmean().item()
-            row["adv/abs_mean"] = all_A.abs().mean().item()
-            mean_st = {k: accelerator.reduce(torch.stack([s[k] for s in stats]).mean(), "mean").item()  # [dist]
-                       for k in stats[0]}
-            first_dev = accelerator.gather(stats[0]["ratio_dev_max"].reshape(1)).max().item()  # [dist] every process
-            row.update({"train/ratio_mean": mean_st["ratio_mean"], "train/first_ratio_dev": first_dev,
-                        "train/clipfrac_high": mean_st["clipfrac_high"], "train/clipfrac_low": mean_st["clipfrac_low"],
-                        "train/approx_kl": mean_st["approx_kl"], "train/policy_loss": mean_st["policy_loss"],
-                        "kl/pos": mean_st["kl_pos"], "kl/vel": mean_st["kl_vel"],
-                        "train/grad_norm": max(grad_norms, key=lambda g: g if math.isfinite(g) else math.inf)})
-            cvals = accelerator.reduce(torch.tensor(list(cstats.values()), device=device), "mean")  # [dist] all groups
-            row.update({f"curriculum/{k.replace('/', '_')}": v for k, v in zip(cstats, cvals.tolist())})
-            row.update({f"time/{phase}": seconds for phase, seconds in timer.wall.items()})
-            if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
-                val = validate(f"step{step + 1:06d}")
-                row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
-            all_prompts = gather_object(prompts)  # [dist]
-            if accelerator.is_main_process:  # [dist]
-                with open(samples_path, "a") as f:  # per-sample record, for analysis and the two-process test
-                    f.write(json.dumps({"step": step + 1, "prompt": all_prompts, "scores": all_scores.tolist(),
-                                        "reward": all_mixed.tolist(), "advantage": all_A.tolist()}) + "\n")
-                history.append(row)
-                with open(metrics_path, "a") as f:  # a non-finite value is written as null (warned where it arose)
-                    f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                        for k, v in row.items()}) + "\n")
-                if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:
-                    plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
-            bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
-        with timer("checkpoint"):
-            if (cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0) or step + 1 == cfg.max_steps:
-                save_checkpoint(os.path.join(ckpt_root, f"checkpoint-{step + 1}"), accelerator, model, cfg, anchor, cur,
-                                {"step": step + 1, "base_val": base_val, "skipped_in_a_row": skipped_in_a_row})
-        if cfg.profile:
-            profiling.print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
+
+            # 4. update: every trained step of every sample; anchor means first, at rollout time
+            steps = grpo.select_timesteps(N * world, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
+                backbones.derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
+            micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
+            with timer("anchor"):
+                # The anchor's means for every trained (sample, step), under no_grad with the anchor's weights
+                # swapped in, so the training loop below never runs a second model.
+                mu_anchor = {}
+                if cfg.beta_pos > 0 and not anchor.is_current:  # right after a refresh the anchor IS mu_old
+                    with torch.no_grad(), anchor.swapped_in():
+                        for j in range(steps.shape[1]):
+                            mu_anchor[j] = torch.cat([sde.policy_step(velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j],
+                                                                      cfg.sde, cfg.eta)[0] for mb in micro])
+            # lambda_KL follows the update count, so it is the same whatever --max_steps is and after a resume.
+            lam = trust_region.kl_coefficient(anchor.num_updates, cfg.kl_start, cfg.kl_end, cfg.kl_ramp_steps)
+            with timer("train"):
+                stats, grad_norms, skipped, skipped_in_a_row = update_policy(
+                    cfg, accelerator, model, optimizer, params, anchor, velocity_fn, embeds, traj, steps, micro, A, S,
+                    mu_anchor, lam, has_signal=bool((all_A != 0).any()), skipped_in_a_row=skipped_in_a_row,
+                    step=step, timer=timer)
+
+            # 5. log, validate, checkpoint
+            with timer("log"):
+                health = {"nonfinite_scores": int((~torch.isfinite(all_scores)).sum()), "skipped_updates": skipped,
+                          "dropped_groups": int((~torch.isfinite(all_mixed)).view(-1, cfg.group_size).any(1).sum())}
+                row = logs.training_row(accelerator, step + 1, cfg.learning_rate, lam, anchor, all_scores, all_mixed,
+                                        all_A, stats, grad_norms, cstats, diagnostics, timer.wall, health)
+                if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
+                    val = validate(f"step{step + 1:06d}")
+                    row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
+                all_prompts = gather_object(prompts)  # [dist]
+                if accelerator.is_main_process:  # [dist]
+                    logs.append_jsonl(paths["samples"], {"step": step + 1, "prompt": all_prompts, "scores": all_scores.tolist(),
+                                                         "reward": all_mixed.tolist(), "advantage": all_A.tolist()})
+                    logs.append_jsonl(paths["metrics"], row)
+                    history.append(row)
+                    if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:
+                        logs.plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
+                bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
+            with timer("checkpoint"):
+                if (cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0) or step + 1 == cfg.max_steps:
+                    checkpoint.save(cfg.output_dir, step + 1, accelerator, model, anchor, cur,
+                                    {"step": step + 1, "base_val": base_val, "skipped_in_a_row": skipped_in_a_row},
+                                    identity, cfg.full, cfg.checkpoints_total_limit)
+            if cfg.profile:
+                profiling.print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
     accelerator.end_training()  # [dist]
     return history
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: accelerate's state (optimizer, RNG, full weights) + LoRA adapter + anchor + curriculum
+# The update phase and the small helpers of the loop
 
 
-# Options that define the run: a resume must not change them (the rest, e.g. max_steps, output paths,
-# validation and checkpoint frequency, micro-batch size, may change).
-METHOD_FIELDS = ("backbone", "full", "lora_rank", "lora_alpha", "num_frames", "height", "width", "sde", "eta",
-                 "num_steps", "shift", "guidance", "group_size", "batch_size", "equalizer", "timestep_fraction",
-                 "clip_range", "adv_clip", "anchor_every", "beta_pos", "beta_vel", "kl_start", "kl_end",
-                 "kl_ramp_steps", "updates_per_rollout", "reward", "curriculum", "curriculum_tau", "curriculum_k",
-                 "curriculum_beta", "static_weights", "learning_rate", "weight_decay", "max_grad_norm", "seed")
+def update_policy(cfg, accelerator, model, optimizer, params, anchor, velocity_fn, embeds, traj, steps, micro, A, S,
+                  mu_anchor, lam, has_signal, skipped_in_a_row, step, timer):
+    """Phase 4: `--updates_per_rollout` optimizer steps over the trained (sample, step) pairs of one rollout.
+
+    An update is skipped (no optimizer step: Adam's momentum and weight decay would move the weights with no
+    signal) when its gradient norm is not finite (Deviations 4) or when nothing in it carries signal: every
+    advantage of the batch is 0 and no KL term is active (Deviations 12). Returns the per-micro-batch
+    diagnostics, the gradient norms, the number of skipped updates and the running count of non-finite ones."""
+    stats, grad_norms, skipped = [], [], 0
+    model.train()
+    for u, cols in enumerate(torch.arange(steps.shape[1]).chunk(cfg.updates_per_rollout)):  # Deviations 3
+        for j, mb in [(j, mb) for j in cols.tolist() for mb in micro]:
+            # accumulate: no gradient sync until the update's last micro-batch, where sync_gradients turns
+            # true; the loss is divided by the number of micro-batches (DeepSpeed: by its engine).
+            with accelerator.accumulate(model):  # [dist]
+                # No extra autocast: `prepare` already wraps the forward for rollout and training alike, and any
+                # difference between the two paths would break ratio = 1 (SPEC §8).
+                loss, st = grpo.trained_step_loss(
+                    velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j], A[mb], cfg.sde, cfg.eta, S,
+                    mu_anchor[j][mb] if j in mu_anchor else None, lam, cfg.beta_pos, cfg.beta_vel, cfg.clip_range)
+                with timer.backward():
+                    accelerator.backward(loss)  # [dist] the mean over the trained (i, t) pairs
+            stats.append(st)
+        assert accelerator.sync_gradients  # [dist] the accumulation boundary is this update's end
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # [dist]
+        # DeepSpeed clips and steps inside its engine and returns a float or None here
+        grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
+        # The KL terms act when the anchor differs from the rollout policy (position) or when an earlier update of
+        # this rollout moved the policy (step-wise); both are scaled by lambda_KL.
+        kl_active = lam > 0 and ((cfg.beta_pos > 0 and bool(mu_anchor)) or (cfg.beta_vel > 0 and u > 0))
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # [dist] it has stepped already
+        if deepspeed or (torch.isfinite(grad_norm) and (has_signal or kl_active)):
+            optimizer.step()
+            skipped_in_a_row = 0
+        elif not torch.isfinite(grad_norm):  # Deviations 4
+            warnings.warn(f"update {u + 1} of step {step + 1}: non-finite gradient norm; update skipped")
+            skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+            if skipped_in_a_row >= 3:
+                raise FloatingPointError("three updates in a row had non-finite gradients: lower --learning_rate, "
+                                         "check the reward scores, use bf16 not fp16")
+        else:  # Deviations 12
+            warnings.warn(f"update {u + 1} of step {step + 1}: no sample carries signal (every advantage is 0 and "
+                          f"no KL term acts); update skipped")
+            skipped += 1
+        anchor.step()  # counts update slots, skipped ones too, so refreshes fall between rollouts
+        optimizer.zero_grad(set_to_none=True)
+        grad_norms.append(float(grad_norm))
+    return stats, grad_norms, skipped, skipped_in_a_row
 
 
-def method_fields(cfg: Config, num_processes: int) -> dict:
-    return {**{k: getattr(cfg, k) for k in METHOD_FIELDS}, "num_processes": num_processes}
+def check_launch(cfg: Config, accelerator) -> None:
+    """The checks that need the launch configuration (accelerate's, not ours); still before any model."""
+    if accelerator.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision fp16 gives NaN log-probs in the reference setups (SPEC §8); use bf16")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
+        raise ConfigError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
+                          "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
 
 
-def sharded_anchor(accelerator) -> bool:
-    """Under FSDP every process holds a different shard of the anchor; otherwise all hold the same copy."""
-    return accelerator.distributed_type == DistributedType.FSDP
+def configure_deepspeed(cfg: Config, accelerator) -> None:
+    """No DataLoader tells DeepSpeed these (configs/deepspeed_zero2.yaml leaves them out)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist]
+        accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
 
 
-def anchor_file(accelerator) -> str:
-    return f"anchor_rank{accelerator.process_index}.pt" if sharded_anchor(accelerator) else "anchor.pt"
+def local_prompts(train_prompts: list[str], cfg: Config, step: int, rank: int, world: int) -> list[str]:
+    """This process's prompts, each repeated G times (a group); the draw is global, so it does not depend on
+    the process count, and seeded by (seed, step), so a resumed run draws the same."""
+    g = torch.Generator().manual_seed(backbones.derive_seed(cfg.seed, step, "prompts"))
+    order = torch.randint(len(train_prompts), (cfg.batch_size // cfg.group_size * world,), generator=g)
+    local = order.view(world, -1)[rank].tolist()  # [dist] this process's share of the prompts
+    return [train_prompts[i] for i in local for _ in range(cfg.group_size)]
 
 
-def list_checkpoints(root: str) -> list[str]:
-    """The `checkpoint-<step>` folders under root, oldest step first."""
-    found = sorted((int(d.split("-")[1]), d) for d in os.listdir(root) if d.startswith("checkpoint-"))
-    return [os.path.join(root, d) for _, d in found]
-
-
-def save_checkpoint(path, accelerator, model, cfg, anchor, cur, state) -> None:
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    accelerator.save_state(path)  # [dist] optimizer, RNG states and (full fine-tuning) sharded weights
-    if accelerator.is_main_process and not cfg.full:  # Deviations 5: the adapter is the whole model delta
-        lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
-        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, os.path.join(path, "lora.safetensors"))
-    if accelerator.is_main_process or sharded_anchor(accelerator):  # [dist] FSDP: each process its own shard
-        torch.save(anchor.state_dict(), os.path.join(path, anchor_file(accelerator)))
-    if accelerator.is_main_process:  # [dist]
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({**state, "curriculum": cur.state_dict(),
-                       "config": method_fields(cfg, accelerator.num_processes)}, f)
-        old = list_checkpoints(os.path.dirname(path))  # keep the newest `checkpoints_total_limit`
-        for d in old[: max(len(old) - cfg.checkpoints_total_limit, 0)]:
-            shutil.rmtree(d)
-    accelerator.wait_for_everyone()  # [dist]
-
-
-def load_checkpoint(path, accelerator, model, cfg, anchor, cur) -> dict:
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    changed = {k: (state["config"].get(k), v) for k, v in method_fields(cfg, accelerator.num_processes).items()
-               if state["config"].get(k) != v}
-    if changed:  # a resumed run must be the same run; anything else is a new run from these weights
-        raise ValueError(f"--resume_from_checkpoint {path}: options differ from the checkpoint's (saved, now): "
-                         f"{changed}; resume with the options it was saved with")
-    accelerator.load_state(path)  # [dist]
-    if not cfg.full:
-        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(os.path.join(path, "lora.safetensors")))
-    anchor.load_state_dict(torch.load(os.path.join(path, anchor_file(accelerator)), weights_only=True))
-    cur.load_state_dict(state["curriculum"])
-    return state
+@contextmanager
+def dist_errors(timeout: int, world: int):
+    """Deviations 11: a collective call that timed out becomes an error that says what happened and what to do."""
+    try:
+        yield
+    except RuntimeError as err:
+        if world > 1 and re.search(r"time[d ]?\s?out", str(err), re.IGNORECASE):
+            raise RuntimeError(f"a peer process did not reach a collective call within --dist_timeout {timeout} s "
+                               f"(hung, stopped or dead); this process stops too. Resume with "
+                               f"--resume_from_checkpoint latest once all processes are healthy") from err
+        raise
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
-    """Command-line options (every field of Config, `--help` lists them with the papers' values)."""
-    (config,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    """Command-line options (every field of Config; `--help` lists them with the papers' values). No
+    abbreviations (`--max_step` is not `--max_steps`); an unknown option is a usage error (exit 2)."""
+    parser = HfArgumentParser(Config, allow_abbrev=False)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
     return config
 
 
+def cli(argv: Optional[list[str]] = None) -> None:
+    """`python train.py ...`: a bad option or output folder is a usage error (exit 2, one line, no traceback)."""
+    cfg = parse_args(argv)
+    try:
+        main(cfg)
+    except (ConfigError, checkpoint.CheckpointError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli()
