@@ -4,7 +4,7 @@ per-step loss that the equalizer weights and the dual trust region enter.
 Equations (SPEC §4)
 -------------------
 Group advantage, G samples of one prompt:
-    A_i = (r_i - mean_G r) / (std_G r + 1e-6)   (population std), then clipped to [-5, 5]     [FlowGRPO]
+    A_i = (r_i - mean_G r) / (std_G r + 1e-6)   (population std), then clipped to [-5, 5]     (choice, Deviations 5)
 Per trained step t of sample i, with logp from sde.log_prob and logp_old stored at rollout:
     rho   = exp(logp_theta - logp_old)
     l_pol = S_t max(-A rho, -A clip(rho, 1 - eps, 1 + eps))                                  [SAGE] Eq. 10
@@ -32,6 +32,15 @@ Deviations / choices
    (V = 0) are never selected: they have no log-prob.
 4. Clip fractions count where the clip is *active* (the gradient is zeroed): rho > 1 + eps with A > 0
    (high) and rho < 1 - eps with A < 0 (low). approx_kl is the k3 estimator mean(rho - 1 - log rho).
+5. The advantage's std and epsilon are our choice; the references differ from it and from each other.
+   [FlowGRPO]'s code divides by the population std + 1e-4; [Dance]'s code divides by the unbiased std
+   (Bessel, G - 1) + 1e-8, which is sqrt(G / (G - 1)) larger than the population std, so its advantages
+   are sqrt(G / (G - 1)) smaller (x0.87 at G = 4, x0.98 at G = 24). With rewards in [0, 1] and a typical
+   group std of 1e-2, the epsilons change A by 1e-2 (FlowGRPO) to 1e-4 (ours) relative.
+6. The number of trained steps is ceil(timestep_fraction x K_stochastic), counted over the stochastic
+   steps only. The reference codes train int(K x fraction) steps of all K: for K = 16, fraction 0.6
+   they train 9 steps, we train 10; for cps (last step deterministic) they would count a step that has
+   no log-prob.
 
 Run: `python -m pytest tests/test_grpo.py -q`.
 """
@@ -43,11 +52,11 @@ import warnings
 import torch
 
 import sde
-from trust_region import gaussian_kl
+import trust_region
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0, eps: float = 1e-6):
-    """(N,) advantages, normalised within consecutive groups of `group_size`; see Deviations 1-2."""
+    """(N,) advantages, normalised within consecutive groups of `group_size`; see Deviations 1-2 and 5."""
     N = rewards.shape[0]
     if group_size < 1 or N % group_size != 0:
         raise ValueError(f"group size {group_size} does not divide the batch of {N} rewards")
@@ -59,7 +68,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0, 
         warnings.warn(f"{int((~finite).sum())} group(s) have non-finite rewards; their advantages are set to 0")
     r = torch.where(finite, r, torch.zeros_like(r))  # keep NaN out of the mean/std below
     mean = r.mean(dim=1, keepdim=True)  # (B, 1)
-    std = r.std(dim=1, unbiased=False, keepdim=True)  # (B, 1) population std, as the references
+    std = r.std(dim=1, unbiased=False, keepdim=True)  # (B, 1) population std, as [FlowGRPO] (Deviations 5)
     A = (r - mean) / (std + eps)  # (B, G)
     # A group whose samples all score alike carries no preference; eps alone would leave 0 / eps = 0
     # anyway, but the explicit zero also covers groups dropped for NaN.
@@ -70,8 +79,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float = 5.0, 
 def select_timesteps(num_samples: int, stochastic: torch.Tensor, fraction: float = 1.0, generator=None):
     """(N, K_train) step indices to train, a random order per sample over the stochastic steps.
 
-    K_train = ceil(fraction * number of stochastic steps). Each row is a random permutation (or subset),
-    so one forward pass over the batch mixes timesteps, which is why sde.py takes per-sample sigmas.
+    K_train = ceil(fraction * number of stochastic steps) (Deviations 6: the references take int(K * fraction)).
+    Each row is a random permutation (or subset), so one forward pass over the batch mixes timesteps, which
+    is why sde.py takes per-sample sigmas.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"timestep_fraction must be in (0, 1], got {fraction}")
@@ -134,15 +144,15 @@ def step_loss(logp, logp_old, A, weight, kl_pos, kl_vel, lambda_kl, beta_pos, be
 def trained_step_loss(velocity_fn, traj, t, A, kind, eta, weight, mu_anchor, lambda_kl, beta_pos, beta_vel, clip_range):
     """Loss of one trained step per sample: the inner-loop body shared by train.py and the toy.
 
-    t: (N,) the step each sample trains now (a column of select_timesteps). weight: (K,) equalizer
-    (ones to disable). mu_anchor: (N, ...) anchor means of those steps, from the rollout phase, or None
-    when the anchor equals the rollout policy (then mu_old stands in for it).
+    t: (N,) the step each sample trains now (column j of select_timesteps). weight: (K,) equalizer
+    (ones to disable). mu_anchor: (N, ...) anchor means of those steps, column j of
+    trust_region.anchor_means, or None when that returned None (then mu_old stands in for the anchor).
     """
     # One transformer forward per call: the policy's mean at the stored x_t, then everything else is
     # read from the rollout record (mu_old, logp_old) or was computed at rollout time (mu_anchor).
-    mu, std, logp = sde.policy_step(velocity_fn, traj, t, kind, eta)
-    _, _, _, _, mu_old, logp_old = traj.at(t)
-    var = std**2  # (N,) same variance for theta, anchor and old policy: it depends on the schedule only
-    kl_pos = gaussian_kl(mu, mu_old if mu_anchor is None else mu_anchor, var) if beta_pos > 0 else None
-    kl_vel = gaussian_kl(mu, mu_old, var) if beta_vel > 0 else None  # Deviations 1 of trust_region.py
-    return step_loss(logp, logp_old, A, weight.to(t.device)[t], kl_pos, kl_vel, lambda_kl, beta_pos, beta_vel, clip_range)
+    policy = sde.policy_step(velocity_fn, traj, t, kind, eta)  # mu, std, logp of the current weights
+    stored = traj.at(t)  # mu_old, logp_old of the rollout policy
+    # One variance for theta, anchor and old policy: V_t depends on the schedule only.
+    kl_pos, kl_vel = trust_region.kl_terms(policy.mu, stored.mu_old, mu_anchor, policy.std**2, beta_pos, beta_vel)
+    return step_loss(policy.logp, stored.logp_old, A, weight.to(t.device)[t], kl_pos, kl_vel, lambda_kl, beta_pos,
+                     beta_vel, clip_range)

@@ -4,20 +4,43 @@ GRPO needs a policy with a density. A flow-matching model is an ODE; this file t
 that ODE into a Gaussian step x_{t+1} ~ N(mu_t, V_t I) whose mean keeps the marginals of the path
 (reverse-time SDE) and whose variance V_t is what the papers disagree about (SPEC §2).
 
+Conventions (SPEC §1)
+---------------------
+- Time runs from noise to data: step t = 0..K-1 goes from sigma_t to sigma_{t+1} < sigma_t, so along a
+  rollout dsigma < 0, and Delta_t = sigma_t - sigma_{t+1} > 0 is the step length. The transformer sees
+  timestep = 1000 sigma (caller's business).
+- The network predicts v = eps - x0 (it points toward noise); the ODE is dx = v dsigma.
+- sigma may be a float or a per-sample tensor (N,); it broadcasts over the remaining dims, so the same
+  code serves a toy batch (N, D) and a video latent batch (N, C, F, H, W).
+- logp is the *mean* over the non-batch elements of the Gaussian log-density (every reference code does
+  this; it is why the PPO clip range is 1e-4 rather than 0.2).
+- mu, std and logp are float32 whatever dtype the model runs in (bf16 overflows in mu).
+- A step with V = 0 (ode, cps at its last step, eta = 0) is deterministic: it has no log-prob and is
+  never trained (its logp is stored as 0 and masked by `is_stochastic`).
+
 Equations (SPEC §1-3)
 ---------------------
 Path and model:   x_sigma = (1 - sigma) x0 + sigma eps,   v = eps - x0,   dx = v dsigma (sigma 1 -> 0)
-                  x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v,   score = -eps_hat / sigma
-Reverse SDE with diffusion coefficient g(sigma), Euler drift over one step of length Delta:
-                  mu  = x - Delta v - (V / (2 sigma)) (x + (1 - sigma) v)          [FlowGRPO], [SAGE] Eq. 4
+                  x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v,   score = grad log p = -eps_hat / sigma
+Reverse-time SDE with the same marginals as the ODE, for any diffusion coefficient g(sigma):
+                  dx = [v - (g^2 / 2) score] dsigma + g dW,      dW of variance |dsigma|
+(adding noise of variance g^2 |dsigma| blurs p; the score term pulls x uphill by half that variance, which
+undoes the blur to first order). One Euler step from sigma_t, the velocity and the score held at x_t:
+                  mu  = x - Delta v + (V / 2) score
+                      = x - Delta v - (V / (2 sigma)) (x + (1 - sigma) v)                 [FlowGRPO], [SAGE] Eq. 4
                   V   = integral over [sigma_{t+1}, sigma_t] of g(s)^2 ds
+Both the noise and the score correction are integrals of g^2 over the step, so the mean uses the same V as
+the variance, not g(sigma_t)^2 Delta: the correction must undo exactly the noise that is added; a mean
+built on g(sigma_t)^2 Delta with a variance built on the exact V would drift off the path's marginals by
+(V - g^2 Delta) / 2 times the score at every step.
 The kinds differ in g and in how the integral is evaluated:
     ode    g = 0                                V = 0
     dance  g = eta                              V = eta^2 Delta                                  [Dance]
     flow   g = eta sqrt(s / (1 - s))            V = eta^2 sigma_t / (1 - sigma_t) Delta           [FlowGRPO]
     sage   g = eta sqrt(s / (1 - s))            V = eta^2 (-Delta + log((1 - sigma_{t+1}) / (1 - sigma_t)))  [SAGE] Eq. 5
     cps    (not an SDE discretisation)          V = s_t^2, s_t = sigma_{t+1} sin(eta pi / 2)     [CPS]
-           mu = (1 - sigma_{t+1}) x0_hat + sqrt(sigma_{t+1}^2 - s_t^2) eps_hat
+           mu = (1 - sigma_{t+1}) x0_hat + sigma_{t+1} cos(eta pi / 2) eps_hat
+              (= sqrt(sigma_{t+1}^2 - s_t^2) eps_hat, written without the cancellation)
 
 Why sage. flow and sage share the same continuous SDE; they differ only in the quadrature of
 g^2 = eta^2 s / (1 - s). Writing s / (1 - s) = -1 + 1 / (1 - s) gives the exact integral
@@ -27,24 +50,11 @@ left (noisier) endpoint; s / (1 - s) is increasing, so the left endpoint is its 
 flow injects more noise than the SDE asks for, by the most where sigma is large and the integrand
 steep. That surplus is what pushes rollouts off the data manifold ([SAGE] Fig. 1).
 
-Log-probability. logp = mean over the non-batch elements of the Gaussian log-density. The mean (not the
-sum) follows every reference implementation; it is why the PPO clip range is 1e-4 rather than 0.2.
-
 Gradient norm equalizer ([SAGE] Eq. 8-9). |d logp / d v| = |d mu / d v| / std up to the residual, so
     N_t = |d mu_t / d v| / std_t,   S_t = median_tau N_tau / N_t,
 with d mu / d v = -(Delta + V (1 - sigma) / (2 sigma)) (SDE kinds) or
--sigma_t (1 - sigma_{t+1}) + (1 - sigma_t) sqrt(sigma_{t+1}^2 - s_t^2) (cps). S_t is analytic: it
+-sigma_t (1 - sigma_{t+1}) + (1 - sigma_t) sigma_{t+1} cos(eta pi / 2) (cps). S_t is analytic: it
 depends on the schedule only, never on measured gradients.
-
-Conventions
------------
-- Time runs from noise to data: step t = 0..K-1 goes from sigma_t to sigma_{t+1} < sigma_t and
-  Delta_t = sigma_t - sigma_{t+1} > 0. The transformer sees timestep = 1000 sigma (caller's business).
-- sigma may be a float or a per-sample tensor (N,); it broadcasts over the remaining dims, so the same
-  code serves a toy batch (N, D) and a video latent batch (N, C, F, H, W).
-- mu, std and logp are float32 whatever dtype the model runs in (bf16 overflows in mu).
-- A step with V = 0 (ode, cps at its last step, eta = 0) is deterministic: it has no log-prob and is
-  never trained (its logp is stored as 0 and masked by `is_stochastic`).
 
 Deviations / choices
 --------------------
@@ -56,6 +66,8 @@ Deviations / choices
 2. cps uses the full Gaussian log-density (SPEC §2 choice); the reference CPS code drops the constants
    and the 1 / (2 s^2) factor, which changes the scale of the ratio but not its sign.
 3. The equalizer takes the median over stochastic steps only and gives deterministic steps S_t = 0.
+   It is computed in float64 from the float64 V_t: rounding V to float32 first, as an earlier version
+   did, put a 1.8e-4 relative error into cps's S_t at eta = 1 through sqrt(sigma_{t+1}^2 - V).
 4. `generator` may be one torch.Generator or a list of N (one per sample), so that a sample's noise
    depends on its own seed only, not on how samples are batched or split across processes.
 
@@ -65,7 +77,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -100,36 +112,39 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (x.dim() - t.dim())) if t.dim() == 1 else t
 
 
-def step_variance(sigma, sigma_next, kind: str, eta: float) -> torch.Tensor:
-    """V_t of one step (SPEC §2 table); same shape as sigma (scalar or (N,))."""
-    _check_kind(kind)
-    sigma, sigma_next = _as_tensor(sigma), _as_tensor(sigma_next, None).to(_as_tensor(sigma).device)
-    # float64 for the log and the near-cancellation -Delta + log(...), then back to float32.
+def _variance64(s: torch.Tensor, sn: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
+    """V_t in float64 for float64 sigma_t, sigma_{t+1} (SPEC §2 table)."""
     # V_t is the variance injected between sigma_t and sigma_{t+1}: the integral of the squared
     # diffusion coefficient g(s)^2 over the step. The kinds differ only in g and in how they integrate it.
-    s, sn = sigma.double(), sigma_next.double()
+    # float64 for the log and the near-cancellation -Delta + log(...).
     delta = s - sn
     if kind == "ode" or eta == 0:
-        V = torch.zeros_like(s)
-    elif kind == "dance":
-        V = eta**2 * delta  # [Dance]: constant diffusion coefficient eta
-    elif kind == "flow":
+        return torch.zeros_like(s)
+    if kind == "dance":
+        return eta**2 * delta  # [Dance]: constant diffusion coefficient eta
+    if kind == "flow":
         # g^2 = eta^2 s / (1 - s) grows without bound as s -> 1, so the left end of the step is where the
         # integrand is largest: this rule over-injects noise at high sigma, which pushes samples off the data
         # manifold (the "extra energy" of [SAGE] Fig. 1).
         # [FlowGRPO]: left-endpoint Euler of the integral; at sigma = 1 the denominator uses sigma_{t+1}.
         denom_sigma = torch.where(s >= 1, sn, s)
-        V = eta**2 * s / (1 - denom_sigma) * delta
-    elif kind == "sage":
+        return eta**2 * s / (1 - denom_sigma) * delta
+    if kind == "sage":
         # The same g^2, integrated exactly: s / (1 - s) = -1 + 1 / (1 - s) gives -Delta + log(...), the
         # logarithmic curvature correction. Exact at every step, so no step gets more noise than the SDE asks.
         s_clamped = s.clamp(max=1 - SAGE_SIGMA_GUARD)  # [SAGE] code guard, inside the log only
-        V = eta**2 * (-delta + torch.log((1 - sn) / (1 - s_clamped)))  # [SAGE] Eq. 5
-    else:  # cps
-        # cps is not a discretised SDE: it re-noises the predicted x0 to sigma_{t+1}, and eta sets how much
-        # of that noise is fresh. The last step (sigma_{t+1} = 0) is therefore deterministic.
-        V = (sn * math.sin(eta * math.pi / 2)) ** 2  # [CPS]: s_t = sigma_{t+1} sin(eta pi / 2)
-    return V.float()
+        return eta**2 * (-delta + torch.log((1 - sn) / (1 - s_clamped)))  # [SAGE] Eq. 5
+    # cps is not a discretised SDE: it re-noises the predicted x0 to sigma_{t+1}, and eta sets how much
+    # of that noise is fresh. The last step (sigma_{t+1} = 0) is therefore deterministic.
+    return (sn * math.sin(eta * math.pi / 2)) ** 2  # [CPS]: s_t = sigma_{t+1} sin(eta pi / 2)
+
+
+def step_variance(sigma, sigma_next, kind: str, eta: float) -> torch.Tensor:
+    """V_t of one step (SPEC §2 table), float32; same shape as sigma (scalar or (N,))."""
+    _check_kind(kind)
+    sigma = _as_tensor(sigma)
+    sigma_next = _as_tensor(sigma_next).to(sigma.device)
+    return _variance64(sigma.double(), sigma_next.double(), kind, eta).float()
 
 
 def step_variances(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
@@ -166,7 +181,9 @@ def step_mean_std(x, v, sigma, sigma_next, kind: str, eta: float):
         x0_hat, eps_hat = x - s * v, x + (1 - s) * v
         # [CPS]: the x0 and noise coefficients of the path at sigma_{t+1} are kept exactly:
         # (1 - sigma_{t+1}) for x0 and sqrt(sigma_{t+1}^2 - s_t^2) + s_t (the fresh noise) for eps.
-        mu = (1 - sn) * x0_hat + torch.sqrt((sn**2 - Vb).clamp(min=0)) * eps_hat
+        # sqrt(sigma_{t+1}^2 - s_t^2) = sigma_{t+1} cos(eta pi / 2): written so, it has no cancellation (at
+        # eta = 1 the difference of two rounded squares would leave a sqrt(ulp) ~ 1e-4 instead of 0).
+        mu = (1 - sn) * x0_hat + sn * math.cos(eta * math.pi / 2) * eps_hat
     else:
         # Reverse-SDE Euler drift: the ODE step plus the score correction -V/(2 sigma) eps_hat.
         # (ode and eta = 0 give V = 0, so mu is the plain Euler step x - Delta v.)
@@ -215,10 +232,12 @@ def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tens
     # The policy gradient of step t w.r.t. v is (x_next - mu) / V * d mu / d v; the residual x_next - mu
     # is O(std), so its size is N_t = |d mu / d v| / std_t. Low-noise steps have tiny std and dominate;
     # S_t divides each step by its N_t.
+    step_variances(sigmas, kind, eta)  # validates the schedule (raises on a negative sage variance)
     s, sn = sigmas[:-1].double(), sigmas[1:].double()  # (K,)
-    V = step_variances(sigmas, kind, eta).double()  # (K,)
+    # float64 end to end (Deviations 3): V is not rounded to float32 before it enters N_t.
+    V = _variance64(s, sn, kind, eta)  # (K,)
     if kind == "cps":
-        dmu_dv = -s * (1 - sn) + (1 - s) * torch.sqrt((sn**2 - V).clamp(min=0))
+        dmu_dv = -s * (1 - sn) + (1 - s) * sn * math.cos(eta * math.pi / 2)
     else:
         dmu_dv = -((s - sn) + V * (1 - s) / (2 * s))  # [SAGE] Eq. 8
     stochastic = V > 0
@@ -229,6 +248,25 @@ def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tens
         # typical step keeps weight ~1 (the learning rate keeps its meaning).
         S[stochastic] = N.median() / N  # [SAGE] Eq. 9
     return S.float()
+
+
+class StoredStep(NamedTuple):
+    """One stored step per sample, as `Trajectory.at` reads it; every field is (N, ...) or (N,)."""
+
+    x_t: torch.Tensor  # (N, ...) the state the step started from
+    x_next: torch.Tensor  # (N, ...) the sampled action x_{t+1}
+    sigma: torch.Tensor  # (N,) sigma_t
+    sigma_next: torch.Tensor  # (N,) sigma_{t+1}
+    mu_old: torch.Tensor  # (N, ...) the rollout policy's mean
+    logp_old: torch.Tensor  # (N,) the rollout policy's log-prob of x_next
+
+
+class PolicyStep(NamedTuple):
+    """The current policy's Gaussian at stored steps: mean (N, ...), std (N,), logp of x_next (N,)."""
+
+    mu: torch.Tensor
+    std: torch.Tensor
+    logp: torch.Tensor
 
 
 @dataclass
@@ -255,24 +293,24 @@ class Trajectory:
         return Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.mu for p in parts]), parts[0].std,
                           torch.cat([p.logp for p in parts]), parts[0].sigmas)
 
-    def at(self, t: torch.Tensor):
-        """Sample i's stored step t[i]: (x_t, x_next, sigma, sigma_next, mu_old, logp_old), each (N, ...)."""
+    def at(self, t: torch.Tensor) -> StoredStep:
+        """Sample i's stored step t[i], for t (N,) one step index per sample."""
         rows = torch.arange(len(t), device=t.device)
         sigmas = self.sigmas.to(self.latents.device)  # a no-op for rollout() output (already there)
-        return (self.latents[rows, t], self.latents[rows, t + 1], sigmas[t], sigmas[t + 1],
-                self.mu[rows, t], self.logp[rows, t])
+        return StoredStep(x_t=self.latents[rows, t], x_next=self.latents[rows, t + 1], sigma=sigmas[t],
+                          sigma_next=sigmas[t + 1], mu_old=self.mu[rows, t], logp_old=self.logp[rows, t])
 
 
-def policy_step(velocity_fn: Callable, traj: Trajectory, t: torch.Tensor, kind: str, eta: float):
+def policy_step(velocity_fn: Callable, traj: Trajectory, t: torch.Tensor, kind: str, eta: float) -> PolicyStep:
     """Recompute (mu, std, logp) of stored steps t (N,), one step per sample, with the current model.
 
     This is the training forward, and (under no_grad, anchor swapped in) the anchor's forward. It goes
     through the same velocity_fn / step_mean_std / log_prob as the rollout, with per-sample sigmas as
     the rollout passes them, so unchanged weights give exactly logp_old.
     """
-    x_t, x_next, sigma, sigma_next, _, _ = traj.at(t)
-    mu, std = step_mean_std(x_t, velocity_fn(x_t, sigma), sigma, sigma_next, kind, eta)
-    return mu, std, log_prob(x_next, mu, std)
+    s = traj.at(t)
+    mu, std = step_mean_std(s.x_t, velocity_fn(s.x_t, s.sigma), s.sigma, s.sigma_next, kind, eta)
+    return PolicyStep(mu, std, log_prob(s.x_next, mu, std))
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ The variants of [SAGE] Fig. 8 are settings, not code paths:
 Conventions
 -----------
 - mu_anchor is computed at rollout time for every stored (x_t, t) that will be trained, by swapping the
-  anchor's weights into the live model under no_grad. The inner training loop never runs the anchor.
+  anchor's weights into the live model under no_grad (`anchor_means`). The inner training loop never
+  runs the anchor; it reads mu_anchor[:, j] for the j-th trained step column and calls `kl_terms`.
 - The anchor holds a copy of the *trainable* parameters only: the LoRA adapter tensors with LoRA, all
   weights with full fine-tuning. Frozen weights are shared, so LoRA needs no second model.
 - An "update" is one optimizer step. Right after a refresh the anchor equals the current weights, and
@@ -36,15 +37,25 @@ Deviations / choices
    it also works for FSDP-sharded parameters, each process swapping its own shards.
 4. With anchor_every > 0 the first anchor is still the pretrained policy; it first moves after
    `anchor_every` updates.
+5. The KL's scale differs between the codes, so beta and lambda_KL do not transfer between them as numbers:
+   - [SAGE]'s code divides the squared mean difference by 2 (V + 1e-6); we divide by 2 V. The two agree
+     to 1e-6 / V relative: 0.3 % at the smallest V of eta 0.5, K 20, shift 1 (V = 3e-4), 0.02 % at shift 5.
+   - [FlowGRPO]'s KL for its flow SDE divides by 2 std_dev^2 with std_dev^2 = eta^2 sigma / (1 - sigma), the
+     per-unit-time variance, not V = std_dev^2 Delta. Its KL is therefore Delta_t times ours (about 1/K of
+     it per step), and a [FlowGRPO] beta corresponds to roughly beta / K here.
+   tests/test_trust_region.py replays both forms against `gaussian_kl`.
 
 Run: `python -m pytest tests/test_trust_region.py -q`.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+import sde
 
 
 def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, var) -> torch.Tensor:
@@ -56,6 +67,44 @@ def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, var) -> torch.Tensor:
     # reference is detached: the trust region pulls the policy, never the anchor.
     kl = (mu.float() - mu_ref.detach().float()) ** 2 / (2 * var)  # 2 V, not 2 V^2 (SPEC §5)
     return kl.flatten(1).mean(dim=1)  # (N,)
+
+
+def kl_terms(mu, mu_old, mu_anchor, var, beta_pos: float, beta_vel: float):
+    """(KL_pos, KL_vel) of one trained step, each (N,), or None where its beta is 0 (the term is absent).
+
+    mu: (N, ...) the policy's mean, with gradient. mu_old: (N, ...) the rollout policy's mean. mu_anchor:
+    (N, ...) the anchor's mean from `anchor_means`, or None when the anchor equals the rollout policy (right
+    after a refresh), in which case mu_old is the anchor's mean. var: (N,) or scalar V_t.
+    """
+    # A beta of 0 is the off switch of [SAGE] Fig. 8's variants: no term, no cost (SPEC §5).
+    anchor = mu_old if mu_anchor is None else mu_anchor
+    kl_pos = gaussian_kl(mu, anchor, var) if beta_pos > 0 else None  # position term (SPEC §5)
+    kl_vel = gaussian_kl(mu, mu_old, var) if beta_vel > 0 else None  # velocity term (Deviations 1)
+    return kl_pos, kl_vel
+
+
+@torch.no_grad()
+def anchor_means(anchor: "MovingAnchor", velocity_for: Callable, traj: sde.Trajectory, steps: torch.Tensor,
+                 kind: str, eta: float, micro_batches: Sequence[slice], beta_pos: float):
+    """(N, K_train, ...) the anchor policy's mean at every trained (sample, step), or None if not needed.
+
+    The anchor pass of the update phase, run once per rollout before any optimizer step. steps: (N, K_train)
+    from grpo.select_timesteps. velocity_for(mb) returns the velocity function of micro-batch mb (a slice
+    of the N samples; for a video model it binds that micro-batch's prompt embeddings). Returns None when
+    beta_pos = 0 (no position term) or the anchor equals the live weights (then mu_old is its mean, which
+    `kl_terms` uses for None). Column j of the result pairs with column j of `steps`.
+    """
+    if beta_pos == 0 or anchor.is_current:
+        return None
+    parts = []
+    with anchor.swapped_in():
+        # Micro-batch outer, step inner: the velocity function (and for video its CFG batch) is built once
+        # per micro-batch, and one forward sees a single micro-batch at one step column, as in training.
+        for mb in micro_batches:
+            rows, velocity = traj.rows(mb), velocity_for(mb)
+            mus = [sde.policy_step(velocity, rows, steps[mb, j], kind, eta).mu for j in range(steps.shape[1])]
+            parts.append(torch.stack(mus, dim=1))  # (n_mb, K_train, ...)
+    return torch.cat(parts)  # (N, K_train, ...)
 
 
 def kl_coefficient(update: int, start: float = 1e-7, end: float = 1e-5, ramp_steps: int = 100) -> float:

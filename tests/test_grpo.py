@@ -85,3 +85,22 @@ def test_select_timesteps_permutes_stochastic_steps_per_sample():
     assert all(len(set(row.tolist())) == 6 for row in sub)
     with pytest.raises(ValueError, match="no stochastic step"):
         grpo.select_timesteps(4, torch.zeros(5, dtype=torch.bool))
+
+
+def test_advantage_normalisation_differs_from_the_reference_codes_as_documented():
+    """Deviations 5: [Dance]'s unbiased std makes A sqrt(G / (G - 1)) smaller; [FlowGRPO]'s eps is 1e-4."""
+    r = torch.tensor([0.2, 0.5, 0.9, 0.4])  # G = 4
+    ours = grpo.group_advantages(r, 4)
+    dance = (r - r.mean()) / (r.std(unbiased=True) + 1e-8)
+    flowgrpo = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
+    assert torch.allclose(ours / dance, torch.full((4,), (4 / 3) ** 0.5), rtol=1e-5)
+    assert torch.allclose(ours / flowgrpo, torch.full((4,), 1 + (1e-4 - 1e-6) / r.std(unbiased=False).item()), rtol=1e-5)
+
+
+def test_trained_step_count_is_ceil_over_stochastic_steps():
+    """Deviations 6: K = 16 dance, fraction 0.6 -> ceil(9.6) = 10 (the references' int(16 x 0.6) = 9);
+    cps K = 10 has 9 stochastic steps: fraction 0.5 -> ceil(4.5) = 5, never the deterministic last step."""
+    assert grpo.select_timesteps(2, torch.ones(16, dtype=torch.bool), 0.6).shape == (2, 10)
+    cps = torch.tensor([True] * 9 + [False])
+    idx = grpo.select_timesteps(2, cps, 0.5)
+    assert idx.shape == (2, 5) and (idx < 9).all()

@@ -195,3 +195,38 @@ def test_equalizer_flattens_per_step_gradient_norms(kind):
     spread_raw, spread_eq = (raw.max() / raw.min()).item(), (eq.max() / eq.min()).item()
     print(f"{kind}: max/min per-step grad norm {spread_raw:.1f} without S_t, {spread_eq:.1f} with")
     assert spread_eq < spread_raw / 4
+
+
+@pytest.mark.parametrize("kind,eta", [("cps", 1.0), ("cps", 0.8), ("sage", 0.5), ("flow", 0.7), ("dance", 1.0)])
+def test_equalizer_weights_equal_the_float64_closed_form(kind, eta):
+    """S_t written out in float64 from the SPEC §3 formulas; issue 14: rounding V to float32 before
+    sqrt(sigma_{t+1}^2 - V) put a 1.8e-4 relative error into cps's S_t at eta = 1."""
+    sigmas = sde.sigma_schedule(20, 5.0)
+    s, sn = sigmas[:-1].double(), sigmas[1:].double()
+    if kind == "cps":
+        std = sn * math.sin(eta * math.pi / 2)
+        dmu_dv = -s * (1 - sn) + (1 - s) * sn * math.cos(eta * math.pi / 2)
+    else:
+        V = torch.tensor([_simpson(lambda x: (eta**2 if kind == "dance" else eta**2 * x / (1 - x)), float(b), float(a))
+                          if not (kind == "sage" and a >= 1) else float("nan") for a, b in zip(s, sn)], dtype=torch.float64)
+        if kind == "flow":
+            V = eta**2 * s / (1 - torch.where(s >= 1, sn, s)) * (s - sn)  # left endpoint, [FlowGRPO] guard
+        if kind == "sage":  # step 0 uses the guard; the rest are the exact integral
+            g = sde.SAGE_SIGMA_GUARD
+            V[0] = eta**2 * (-(s[0] - sn[0]) + math.log((1 - sn[0]) / g))
+        std = V.sqrt()
+        dmu_dv = -((s - sn) + V * (1 - s) / (2 * s))
+    on = std > 0
+    N = dmu_dv.abs()[on] / std[on]
+    expected = torch.zeros(20, dtype=torch.float64)
+    expected[on] = N.median() / N
+    S = sde.equalizer_weights(sigmas, kind, eta).double()
+    assert torch.allclose(S, expected, rtol=2e-7 if kind != "sage" else 1e-6, atol=0), (S / expected - 1).abs().max()
+
+
+def test_cps_at_eta_one_keeps_no_old_noise():
+    """At eta = 1 cps re-noises x0_hat with fresh noise only: the mean is exactly (1 - sigma_{t+1}) x0_hat."""
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    mu, std = sde.step_mean_std(x, v, 0.7, 0.4, "cps", 1.0)
+    assert torch.allclose(mu, 0.6 * (x - 0.7 * v), atol=1e-6) and std.item() == pytest.approx(0.4, rel=1e-6)

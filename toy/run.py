@@ -1,53 +1,81 @@
-"""The 2-D toy: the project's own sde / grpo / trust_region / curriculum code on a problem small enough to see.
+"""The 2-D toy as a controlled experiment: the project's own sde / grpo / trust_region / curriculum code,
+one factor changed at a time, several seeds per row.
 
-    python toy/run.py            # ~1-2 min on a 2-core laptop CPU; figures + summary.json in toy/out/
-    python toy/run.py --quick    # ~20 s, for tests
+    python toy/run.py            # the ablation: 17 rows x 3 seeds, 9 figures + summary.json in toy/out/
+    python toy/run.py --quick    # 5 rows, 30 iterations: what tests/test_toy.py runs
 
 Setting (SPEC §7)
 -----------------
-A "video" is F frames of 2-D points (default F = 4; F = 1 gives plain points). Data videos move along
-the unit ring at a constant angular speed and end near the target arc of their prompt p (one of four
-directions u_p). The base policy is an MLP velocity v(x, sigma, p) trained by flow matching on data whose
-prompt label is right only 30 % of the time, so it obeys the prompt weakly and alignment has room to
-improve. Its three reward components play the roles of VideoAlign's VQ / MQ / TA:
+A "video" is F frames of 2-D points (default F = 4). Data videos move along the unit ring at a constant
+angular speed and end near the target arc of their prompt p (one of four directions u_p). The base policy
+is an MLP velocity v(x, sigma, p) trained by flow matching on data whose prompt label is right only 30 %
+of the time, so it obeys the prompt weakly and alignment has room to improve. Its three reward components
+play the roles of VideoAlign's VQ / MQ / TA:
     visual   = exp(-mean_f | |x_f| - 1 | / 0.15)                      every frame close to the ring
     temporal = exp(-(std_f dtheta_f + mean_f |d|x_f||) / 0.15)        steady angular step, steady radius
     semantic = sigmoid(4 (mean_f <x_f, u_p> - 0.5))                   the clip sits on the prompt's arc
-semantic is hackable on purpose: pushing points *off* the ring along u_p keeps raising it, which is
-what the trust region has to prevent. The scales are wide enough to stay informative on SDE rollouts,
-whose last step still adds noise of std ~0.1; final quality is measured on ODE samples (eta = 0), as
-the papers evaluate.
+semantic is hackable on purpose: pushing points *off* the ring along u_p keeps raising it, which is what
+the trust region has to prevent.
 
-Figures (fixed axes and seeds), written to --out:
-    1_fan.png        one x_T, many rollouts of each SDE kind at the same eta, exact ring velocity
-    2_frontier.png   exploration spread vs off-manifold distance across eta, per kind
-    3_variance.png   V_t of flow vs sage against sigma, and the equalizer weights S_t per kind
-    4_training.png   reward, components, off-manifold distance, KL to the initial policy, curriculum
-    5_samples.png    ODE samples per prompt: base policy vs the SAGE variant
+The ablation (`ablation_rows`)
+------------------------------
+The reference row is sage SDE, eta 0.5, equalizer on, dual trust region (beta_pos 1, beta_vel 0.1,
+anchor every 10 updates), static equal reward weights. Every other row changes exactly one factor from
+the row named in its `compare_to` (the reference, except the reward-hacking pair, which differ from each
+other in the trust region only). All rows share lr, iterations, batch, schedule (K = 10, shift 3) and
+seeds; seed s of every row sees the same prompts and initial noise at every iteration (common random
+numbers), so row differences are not sampling luck. Every number is measured on ODE samples (eta = 0) of
+fixed prompts and noise, as the papers evaluate, never on the SDE rollouts the policy trains on:
+    visual / temporal / semantic / total   mean component scores; total = equal-weight mean
+    offring      mean | |x_f| - 1 | over frames: distance from the data manifold
+    kl_init      KL from the initial policy, sum over the K steps of gaussian_kl, measured with the
+                 reference kind (sage, eta 0.5) at fixed states of a base-policy rollout, so that rows with
+                 different SDEs are compared on one scale
+    diversity    circular std (radians) of the last frame's angle over a prompt's samples, mean over
+                 prompts; it falls when the policy collapses onto one point of the prompt's arc
+
+Figures (fixed axes, fixed seeds; the schedule K = 10, shift 3 is the training one, used everywhere):
+    1_fan.png           one x_T, many rollouts of each SDE kind at eta 0.5, exact ring velocity
+    2_frontier.png      exploration spread vs off-manifold distance across eta; the matched etas
+    3_variance.png      V_t flow vs sage, their ratio, the equalizer weights S_t per kind
+    4_offmanifold.png   distance of the x0 estimate from the ring along the trajectory, per kind
+    5_gradnorm.png      measured per-step gradient norms of the policy loss without / with S_t
+    6_ablation.png      ODE reward of every row over training (mean +- std over seeds), reward vs KL
+    7_trust_region.png  none / fixed / step-wise / moving / dual ([SAGE] Fig. 8)
+    8_curriculum.png    weights, stage, Hoyer sparsity, within-group std per component ([SPG] Fig. 2)
+    9_samples.png       ODE samples: base, reference, and the two reward-hacking rows
 
 Deviations / choices
 --------------------
 1. The exploration figures use the closed-form velocity of a ring of 8 Gaussians (toy/manifold.py), not
-   the MLP, so they show the samplers and not a network's errors. Training uses the MLP.
+   the MLP, so they show the samplers and not a network's errors. The "matched" etas are read off that
+   frontier: the eta at which each kind's spread equals sage's at eta 0.5.
 2. The trust-region coefficient is scaled to the toy: the KL is a mean over 2F numbers, not millions, so
    lambda_KL ramps from 0.01 to 1.0 (trust_region.kl_coefficient) instead of 1e-7 to 1e-5.
 3. clip_range = 0.01 instead of 1e-4: the per-element mean log-prob over 8 numbers moves far more per
    update than over a video latent, and 1e-4 would clip almost every sample after the first update.
 4. Curriculum thresholds are set relative to the base policy's own rollout scores (tau_j = base mean
    + 0.05, steepness 30), since the toy's score scale has nothing to do with VideoAlign's.
-5. Each rollout batch feeds 2 optimizer steps (the trained steps are split in two halves), so the
-   step-wise KL and the on-policy check (first ratio exactly 1) are both exercised.
+5. Each rollout batch feeds `updates_per_rollout` = 2 optimizer steps (the trained step columns are split
+   in two). With one update per rollout the policy equals the rollout policy at its only update, so
+   KL_vel and its gradient are exactly 0 and the step-wise row would equal "none".
+6. The seeds of a row run as one batched model: every weight has a leading seed dim E, the batch is E
+   blocks of B x G samples, and each seed's gradient is clipped by its own norm, so the E copies train
+   exactly as E separate runs would (Adam is elementwise); only the speed differs.
+
+The update phase calls the same functions as train.py: grpo.select_timesteps, trust_region.anchor_means,
+trust_region.kl_coefficient, grpo.trained_step_loss, MovingAnchor.step.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -62,7 +90,7 @@ from toy.manifold import mixture_velocity, ring_distance, ring_means  # noqa: E4
 
 NUM_PROMPTS = 4
 KINDS = ("flow", "sage", "cps", "dance")
-COLORS = {"flow": "tab:red", "sage": "tab:blue", "cps": "tab:green", "dance": "tab:orange"}
+METRICS = ("visual", "temporal", "semantic", "total", "total_own_weights", "offring", "kl_init", "diversity")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,23 +130,51 @@ def toy_scores(x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
 
 
 class VelocityMLP(nn.Module):
-    """v(x, sigma, p) for flattened clips x (N, 2F); a prompt embedding and sigma are concatenated."""
+    """E independent copies of v(x, sigma, p), one per seed (Deviations 6).
 
-    def __init__(self, dim: int, hidden: int = 128):
+    Inputs are (E n, 2F) rows, copy e owning rows e n .. (e + 1) n - 1; a prompt embedding and sigma
+    features are concatenated to x. Each layer is one batched matmul over the copies.
+    """
+
+    def __init__(self, dim: int, copies: int = 1, hidden: int = 128):
         super().__init__()
-        self.embed = nn.Embedding(NUM_PROMPTS, 16)
-        self.net = nn.Sequential(nn.Linear(dim + 3 + 16, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        sizes = [dim + 3 + 16, hidden, hidden, hidden, dim]
+        self.embed = nn.Parameter(torch.randn(copies, NUM_PROMPTS, 16))  # (E, P, 16)
+        # nn.Linear's default init: uniform in +-1/sqrt(fan_in) for weights and biases.
+        bounds = [1 / math.sqrt(a) for a in sizes[:-1]]
+        self.weights = nn.ParameterList(
+            [nn.Parameter((torch.rand(copies, a, b) * 2 - 1) * k) for a, b, k in zip(sizes[:-1], sizes[1:], bounds)])
+        self.biases = nn.ParameterList(
+            [nn.Parameter((torch.rand(copies, 1, b) * 2 - 1) * k) for b, k in zip(sizes[1:], bounds)])
+
+    @property
+    def copies(self) -> int:
+        return self.embed.shape[0]
 
     def forward(self, x, sigma, prompts):
+        E = self.copies
         sigma = sigma.view(-1, 1).expand(len(x), 1)
-        feats = torch.cat([x, sigma, torch.sin(math.pi * sigma), torch.cos(math.pi * sigma), self.embed(prompts)], 1)
-        return self.net(feats)
+        copy = torch.arange(E).repeat_interleave(len(x) // E)  # (E n,) which copy owns each row
+        feats = torch.cat([x, sigma, torch.sin(math.pi * sigma), torch.cos(math.pi * sigma),
+                           self.embed[copy, prompts]], 1)  # (E n, 2F + 3 + 16)
+        h = feats.view(E, len(x) // E, -1)  # (E, n, in)
+        for i, (W, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, W)  # (E, n, out)
+            h = nn.functional.silu(h) if i < len(self.weights) - 1 else h
+        return h.reshape(len(x), -1)  # (E n, 2F)
+
+    def replicate(self, copies: int) -> "VelocityMLP":
+        """A model of `copies` identical copies of this one's first copy (every seed starts from the base)."""
+        out = VelocityMLP(self.weights[-1].shape[-1], copies, self.weights[0].shape[-1])
+        with torch.no_grad():
+            for p_out, p_in in zip(out.parameters(), self.parameters()):
+                p_out.copy_(p_in[:1].expand_as(p_out))
+        return out
 
 
 def pretrain(frames: int, steps: int, cache: str | None, seed: int = 0) -> VelocityMLP:
-    """Flow matching on clips whose prompt label is right 30 % of the time; cached on disk (safetensors-free
-    plain state dict, loaded with weights_only=True)."""
+    """Flow matching on clips whose prompt label is right 30 % of the time; cached on disk (a plain state
+    dict, loaded with weights_only=True)."""
     torch.manual_seed(seed)  # the MLP's initial weights: before building it, so a fresh pretrain is reproducible
     net = VelocityMLP(2 * frames)
     if cache and os.path.exists(cache):
@@ -142,12 +198,76 @@ def pretrain(frames: int, steps: int, cache: str | None, seed: int = 0) -> Veloc
 
 
 # ----------------------------------------------------------------------------------------------------
-# GRPO on the toy: the same phases as train.py, on the same module functions
+# Exploration measurements with the exact ring velocity (Deviations 1)
+
+
+def exact_rollout(kind, eta, x_T, num_steps, shift, seed):
+    means = ring_means(8, 1.0)
+    return sde.rollout(lambda x, s: mixture_velocity(x, s, means, 0.05), x_T, sde.sigma_schedule(num_steps, shift),
+                       kind, eta, torch.Generator().manual_seed(seed))
+
+
+def exploration(kind, eta, num_steps, shift, starts=8, per_start=128, seed=7):
+    """Rollouts from `starts` shared x_T, `per_start` each: (trajectory of the first start, spread, offring).
+
+    spread = mean distance of the endpoints from their own start's centroid: how far one x_T's rollouts
+    fan out, the exploration GRPO compares within a group. offring = mean | |x| - 1 | of all endpoints.
+    """
+    x_T = torch.randn(starts, 2, generator=torch.Generator().manual_seed(seed)).repeat_interleave(per_start, 0)
+    traj = exact_rollout(kind, eta, x_T, num_steps, shift, seed + 1)
+    end = traj.latents[:, -1].view(starts, per_start, 2)
+    spread = (end - end.mean(1, keepdim=True)).norm(dim=-1).mean().item()
+    return traj.rows(slice(0, per_start)), spread, ring_distance(end).mean().item()
+
+
+def matched_etas(frontier: dict, etas: list, target: float) -> dict:
+    """Per kind, the eta whose spread equals `target`, by linear interpolation on the frontier (eta 0 has
+    spread 0); None where even the largest eta spreads less (the kind cannot explore that much)."""
+    out = {}
+    for kind, points in frontier.items():
+        xs, ys = [0.0] + etas, [0.0] + [points[e]["spread"] for e in etas]
+        out[kind] = None
+        for (e0, s0), (e1, s1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if s0 <= target <= s1:
+                out[kind] = round(e0 + (target - s0) / (s1 - s0) * (e1 - e0), 3)
+                break
+    return out
+
+
+def offmanifold_along(kind, eta, num_steps, shift, n=2048):
+    """Along K steps from independent x_T, per t = 0..K: (sigma_t, mean distance of the x0 estimate
+    x_t - sigma_t v from the ring, E|x_t|^2 over the path marginal's (1 - sigma)^2 E|x0|^2 + 2 sigma^2 - 1).
+
+    The second is the "extra energy" of [SAGE] Fig. 1 in its plainest form: the exact path has a known
+    second moment at every sigma, and a sampler that injects more noise than the path carries shows it
+    as a positive excess where it injects it."""
+    means = ring_means(8, 1.0)
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    traj = exact_rollout(kind, eta, x_T, num_steps, shift, 2)
+    sig = traj.sigmas
+    second_moment = 1 + 2 * 0.05**2  # E|x0|^2 of the ring mixture: R^2 + 2 c^2
+    energy = (traj.latents.double().pow(2).sum(-1).mean(0) / ((1 - sig.double()) ** 2 * second_moment
+                                                                 + 2 * sig.double() ** 2) - 1).tolist()
+    dist = []
+    for t in range(num_steps + 1):
+        x = traj.latents[:, t]
+        # x0_hat is where the exact posterior mean says the sample is heading; at sigma = 0 it is x itself.
+        x0_hat = x - sig[t] * mixture_velocity(x, sig[t].expand(n), means, 0.05) if sig[t] > 0 else x
+        dist.append(ring_distance(x0_hat).mean().item())
+    return sig.tolist(), dist, energy
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ablation
 
 
 @dataclass
-class Variant:
+class Row:
+    """One ablation row: the reference configuration with one factor changed (from `compare_to`)."""
+
     name: str
+    factor: str = ""  # what it changes from `compare_to`; empty only for the reference itself
+    compare_to: str = "reference"
     kind: str = "sage"
     eta: float = 0.5
     equalizer: bool = True
@@ -156,211 +276,205 @@ class Variant:
     anchor_every: int = 10
     beta_pos: float = 1.0
     beta_vel: float = 0.1
-    lam: float = 1.0
 
 
-VARIANTS = [
-    Variant("flowgrpo", kind="flow", eta=0.7, equalizer=False, anchor_every=0, beta_vel=0.0),
-    Variant("sage"),
-    Variant("sage_no_tr", beta_pos=0.0, beta_vel=0.0),
-    Variant("sage_fixed_anchor", anchor_every=0),
-    Variant("sage_curriculum", curriculum="self_paced"),
-    # Reward hacking demo: semantic-heavy weights, as the curriculum's last stage gives.
-    Variant("hack_no_tr", weights=(0.1, 0.1, 0.8), beta_pos=0.0, beta_vel=0.0),
-    Variant("hack_dual_tr", weights=(0.1, 0.1, 0.8)),
-]
+def ablation_rows(matched: dict) -> list[Row]:
+    ref = Row("reference")
+    rows = [ref]
+    for kind in ("flow", "cps", "dance"):
+        rows.append(replace(ref, name=f"sde_{kind}", factor=f"SDE {kind} (eta 0.5)", kind=kind))
+    for kind in ("flow", "cps", "dance"):
+        eta = matched[kind] if matched[kind] is not None else 1.0  # None: cannot match; its largest eta
+        rows.append(replace(ref, name=f"sde_{kind}_matched", kind=kind, eta=eta,
+                            factor=f"SDE {kind} at sage's spread (eta {eta:g})"))
+    rows += [
+        replace(ref, name="sde_flow_eta0.7", factor="SDE flow at its paper's eta 0.7", kind="flow", eta=0.7),
+        replace(ref, name="no_equalizer", factor="equalizer off (S_t = 1)", equalizer=False),
+        replace(ref, name="tr_none", factor="trust region: none", beta_pos=0.0, beta_vel=0.0),
+        replace(ref, name="tr_fixed", factor="trust region: fixed anchor only", anchor_every=0, beta_vel=0.0),
+        replace(ref, name="tr_moving", factor="trust region: moving anchor only (beta_vel 0)", beta_vel=0.0),
+        replace(ref, name="tr_stepwise", factor="trust region: step-wise only (beta_pos 0)", beta_pos=0.0),
+        replace(ref, name="curriculum_self_paced", factor="curriculum: self_paced", curriculum="self_paced"),
+        replace(ref, name="curriculum_taros", factor="curriculum: taros", curriculum="taros"),
+        # The reward-hacking pair: semantic-heavy weights, as the curriculum's last stage gives; the two rows
+        # differ from each other in the trust region only.
+        replace(ref, name="hack_dual_tr", factor="reward weights 0.1/0.1/0.8", weights=(0.1, 0.1, 0.8)),
+        replace(ref, name="hack_no_tr", factor="trust region: none, with weights 0.1/0.1/0.8",
+                compare_to="hack_dual_tr", weights=(0.1, 0.1, 0.8), beta_pos=0.0, beta_vel=0.0),
+    ]
+    return rows
 
 
-def ode_eval(net, frames, num_steps, shift, n_per_prompt=64, seed=123):
-    """Mean component scores and ring distance of ODE samples (eta = 0) on fixed prompts and noise."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.arange(NUM_PROMPTS).repeat_interleave(n_per_prompt)
-    x_T = torch.randn(len(prompts), 2 * frames, generator=g)
-    traj = sde.rollout(lambda x, s: net(x, s, prompts), x_T, sde.sigma_schedule(num_steps, shift), "ode", 0.0)
-    x = traj.latents[:, -1].view(-1, frames, 2)
-    return toy_scores(x, prompts).mean(0), ring_distance(x).mean().item(), x, prompts
+# --quick keeps the rows whose claims show within 30 iterations (tests/test_toy.py); the curriculum needs
+# the full run to move its stage.
+QUICK_ROWS = ("reference", "tr_none", "tr_fixed", "hack_dual_tr", "hack_no_tr")
 
 
-def train_variant(base: VelocityMLP, v: Variant, args, tau) -> dict:
-    torch.manual_seed(args.seed)
-    net, initial = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    anchor = trust_region.MovingAnchor(net, v.anchor_every)
-    cur = (curriculum.SelfPacedCurriculum(tau=tau, k=30.0) if v.curriculum == "self_paced"
-           else curriculum.StaticCurriculum(v.weights))
+def make_evaluation(base: VelocityMLP, args) -> dict:
+    """Fixed ODE noise and prompts for the quality metrics, and fixed states for kl_init (see docstring)."""
+    g = torch.Generator().manual_seed(123)
+    prompts = torch.arange(NUM_PROMPTS).repeat_interleave(args.eval_per_prompt)  # (M,)
+    x_T = torch.randn(len(prompts), 2 * args.frames, generator=g)  # (M, 2F)
     sigmas = sde.sigma_schedule(args.num_steps, args.shift)
-    S = sde.equalizer_weights(sigmas, v.kind, v.eta) if v.equalizer else torch.ones(args.num_steps)
-    N, G = args.prompts_per_iter * args.group_size, args.group_size
-    hist = {k: [] for k in ["iter", "reward", "visual", "temporal", "semantic", "offring", "kl_init", "first_ratio",
-                            "w_visual", "w_temporal", "w_semantic", "stage"]}
+    # kl_init is measured on one sage, eta 0.5 rollout of the base policy, whatever the row's SDE.
+    with torch.no_grad():
+        base_v = lambda x, s: base(x, s, prompts)  # noqa: E731
+        states = sde.rollout(base_v, torch.randn(len(prompts), 2 * args.frames, generator=g), sigmas, "sage", 0.5, g)
+        mu0 = torch.stack([sde.policy_step(base_v, states, torch.full((len(prompts),), t), "sage", 0.5).mu
+                           for t in range(args.num_steps)], 1)  # (M, K, 2F)
+    return {"prompts": prompts, "x_T": x_T, "sigmas": sigmas, "states": states, "mu0": mu0}
+
+
+@torch.no_grad()
+def evaluate(net: VelocityMLP, ev: dict, args, weights=(1.0, 1.0, 1.0)) -> dict:
+    """Per-copy metrics (each an (E,) tensor) on ODE samples of fixed prompts and noise."""
+    E, M = net.copies, len(ev["prompts"])
+    prompts = ev["prompts"].repeat(E)  # (E M,)
+    velocity = lambda x, s: net(x, s, prompts)  # noqa: E731
+    traj = sde.rollout(velocity, ev["x_T"].repeat(E, 1), ev["sigmas"], "ode", 0.0)
+    x = traj.latents[:, -1].view(E, M, args.frames, 2)
+    scores = toy_scores(x.flatten(0, 1), prompts).view(E, M, 3)  # (E, M, 3)
+    w = torch.tensor(weights) / sum(weights)
+    # Circular std of the last frame's angle per prompt: sqrt(-2 log R), R the mean resultant length.
+    angle = torch.atan2(x[:, :, -1, 1], x[:, :, -1, 0]).view(E, NUM_PROMPTS, -1)  # (E, P, M / P)
+    R = torch.stack([angle.cos().mean(-1), angle.sin().mean(-1)], -1).norm(dim=-1).clamp(1e-6, 1)  # (E, P)
+    states = sde.Trajectory.cat([ev["states"]] * E)
+    kl = torch.zeros(E)
+    for t in range(args.num_steps):
+        step = sde.policy_step(velocity, states, torch.full((E * M,), t), "sage", 0.5)
+        kl += trust_region.gaussian_kl(step.mu, ev["mu0"][:, t].repeat(E, 1), step.std**2).view(E, M).mean(1)
+    return {"visual": scores[..., 0].mean(1), "temporal": scores[..., 1].mean(1), "semantic": scores[..., 2].mean(1),
+            "total": scores.mean((1, 2)), "total_own_weights": (scores * w).sum(-1).mean(1),
+            "offring": ring_distance(x).mean((1, 2)), "kl_init": kl, "diversity": (-2 * R.log()).sqrt().mean(1),
+            "samples": x}
+
+
+def clip_grad_norm_per_copy_(net: VelocityMLP, max_norm: float) -> torch.Tensor:
+    """Clip each seed's gradient by its own norm (Deviations 6), as clip_grad_norm_ does for one run."""
+    params = [p for p in net.parameters() if p.grad is not None]
+    norm = torch.stack([p.grad.flatten(1).pow(2).sum(1) for p in params]).sum(0).sqrt()  # (E,)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # the same formula as torch's clip_grad_norm_
+    for p in params:
+        p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
+    return norm
+
+
+def build_curriculum(row: Row, tau):
+    if row.curriculum == "static":
+        return curriculum.StaticCurriculum(row.weights)
+    return curriculum.build_curriculum(row.curriculum, tau=tau, k=30.0)  # Deviations 4
+
+
+def train_row(base: VelocityMLP, row: Row, args, tau, ev) -> dict:
+    """GRPO on the toy for one row, its seeds batched (Deviations 6); the same phases as train.py."""
+    torch.manual_seed(args.seed)
+    E, G = args.seeds, args.group_size
+    n = args.prompts_per_iter * G  # samples per seed
+    net = base.replicate(E)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    anchor = trust_region.MovingAnchor(net, row.anchor_every)
+    curricula = [build_curriculum(row, tau) for _ in range(E)]  # each seed keeps its own competence
+    sigmas = sde.sigma_schedule(args.num_steps, args.shift)
+    stochastic = sde.step_variances(sigmas, row.kind, row.eta) > 0  # (K,)
+    S = sde.equalizer_weights(sigmas, row.kind, row.eta) if row.equalizer else stochastic.float()  # as train.py
+    hist = {"iter": [], **{m: [] for m in METRICS}}
+    cur_hist = {"iter": []}
+    first_ratio_dev = None
     start = time.time()
-    for it in range(args.iters):
+    for it in range(args.iters + 1):
+        if it % args.eval_every == 0 or it == args.iters:  # ODE evaluation, before this iteration's update
+            m = evaluate(net, ev, args, row.weights)
+            hist["iter"].append(it)
+            for k in METRICS:
+                hist[k].append(m[k].tolist())  # one value per seed
+        if it == args.iters:
+            break
+        # Common random numbers: iteration it of seed e draws the same prompts and noise in every row.
         g = torch.Generator().manual_seed(args.seed * 100003 + it)
-        # 1. sample: B prompts x G rollouts with the chosen SDE, log-probs stored
-        prompts = torch.randint(NUM_PROMPTS, (args.prompts_per_iter,), generator=g).repeat_interleave(G)
+        # 1. sample: per seed, B prompts x G rollouts with the row's SDE, log-probs stored
+        prompts = torch.randint(NUM_PROMPTS, (E, args.prompts_per_iter), generator=g).repeat_interleave(G, 1).flatten()
         velocity = lambda x, s: net(x, s, prompts)  # noqa: E731
-        traj = sde.rollout(velocity, torch.randn(N, 2 * args.frames, generator=g), sigmas, v.kind, v.eta, g)
-        # 2. reward: three components, mixed by the curriculum
-        x_final = traj.latents[:, -1].view(N, args.frames, 2)
-        scores = toy_scores(x_final, prompts)  # (N, 3)
-        cur.update(scores.mean(0))  # competence includes this batch, then the weights follow (as train.py)
-        reward, cstats = cur.reward(scores, G)
-        # 3. advantage within each prompt's group
-        A = grpo.group_advantages(reward, G)
-        # 4. update: every stochastic step, a random order per sample, split over 2 optimizer steps
-        steps = grpo.select_timesteps(N, traj.is_stochastic, 1.0, g)  # (N, K_s)
-        lam = trust_region.kl_coefficient(anchor.num_updates, 0.01 * v.lam, v.lam, args.iters // 2)
-        mu_anchor = [None] * steps.shape[1]
-        if v.beta_pos > 0 and not anchor.is_current:  # anchor means at rollout time, never in the inner loop
-            with torch.no_grad(), anchor.swapped_in():
-                mu_anchor = [sde.policy_step(velocity, traj, steps[:, j], v.kind, v.eta)[0] for j in range(steps.shape[1])]
-        first_ratio = None
-        for chunk in torch.arange(steps.shape[1]).chunk(2):
+        traj = sde.rollout(velocity, torch.randn(E * n, 2 * args.frames, generator=g), sigmas, row.kind, row.eta, g)
+        # 2. reward: three components, mixed by each seed's curriculum
+        scores = toy_scores(traj.latents[:, -1].view(E * n, args.frames, 2), prompts)  # (E n, 3)
+        rewards, cstats = [], []
+        for e, cur in enumerate(curricula):
+            part = scores[e * n:(e + 1) * n]
+            cur.update(part.mean(0))  # competence includes this batch, then the weights follow (as train.py)
+            r, st = cur.reward(part, G)
+            rewards.append(r), cstats.append(st)
+        # 3. advantage within each prompt's group (groups never straddle two seeds: n is a multiple of G)
+        A = grpo.group_advantages(torch.cat(rewards), G)  # (E n,)
+        # 4. update: anchor means once, then updates_per_rollout optimizer steps over the step columns
+        steps = grpo.select_timesteps(E * n, stochastic, 1.0, g)  # (E n, K_s)
+        lam = trust_region.kl_coefficient(anchor.num_updates, 0.01, 1.0, args.iters // 2)  # Deviations 2
+        mu_anchor = trust_region.anchor_means(anchor, lambda mb: velocity, traj, steps, row.kind, row.eta,
+                                              [slice(None)], row.beta_pos)
+        for cols in torch.arange(steps.shape[1]).chunk(args.updates_per_rollout):  # Deviations 5
             opt.zero_grad()
-            for j in chunk.tolist():
-                loss, st = grpo.trained_step_loss(velocity, traj, steps[:, j], A, v.kind, v.eta, S, mu_anchor[j],
-                                                  lam, v.beta_pos, v.beta_vel, args.clip_range)
-                first_ratio = st["ratio_dev_max"].item() if first_ratio is None else first_ratio
-                (loss / steps.shape[1]).backward()  # mean over trained (i, t)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            for j in cols.tolist():
+                loss, st = grpo.trained_step_loss(velocity, traj, steps[:, j], A, row.kind, row.eta, S,
+                                                  None if mu_anchor is None else mu_anchor[:, j], lam,
+                                                  row.beta_pos, row.beta_vel, args.clip_range)
+                if first_ratio_dev is None:
+                    first_ratio_dev = st["ratio_dev_max"].item()  # the on-policy check: exactly 0
+                # x E: the loss is a mean over all E n samples; each seed's own mean is what one run would use.
+                # / len(cols): the mean over the update's trained steps, as train.py's accumulation divides.
+                (loss * E / len(cols)).backward()
+            clip_grad_norm_per_copy_(net, 1.0)
             opt.step()
             anchor.step()
-        # 5. log
-        if it % args.log_every == 0 or it == args.iters - 1:
-            with torch.no_grad():  # KL of the current policy to the initial one on this batch's states
-                kl = 0.0
-                for t in torch.nonzero(traj.is_stochastic).flatten().tolist():
-                    tt = torch.full((N,), t)
-                    mu, std, _ = sde.policy_step(velocity, traj, tt, v.kind, v.eta)
-                    mu0, _, _ = sde.policy_step(lambda x, s: initial(x, s, prompts), traj, tt, v.kind, v.eta)
-                    kl += trust_region.gaussian_kl(mu, mu0, std**2).mean().item() / args.num_steps
-            values = [it, reward.mean().item(), *scores.mean(0).tolist(), ring_distance(x_final).mean().item(), kl,
-                      first_ratio, cstats["w/visual"], cstats["w/temporal"], cstats["w/semantic"], cstats["stage"]]
-            for key, val in zip(hist, values):
-                hist[key].append(val)
-    final_scores, final_offring, _, _ = ode_eval(net, args.frames, args.num_steps, args.shift)
-    w = torch.tensor(v.weights) / sum(v.weights)
-    return {"variant": asdict(v), "history": hist, "net": net, "wall_s": time.time() - start,
-            "final": {"visual": final_scores[0].item(), "temporal": final_scores[1].item(),
-                      "semantic": final_scores[2].item(), "total_equal_weights": final_scores.mean().item(),
-                      "total_own_weights": (final_scores * w).sum().item(), "offring": final_offring,
-                      "kl_init": hist["kl_init"][-1]}}
+        # 5. log the curriculum's view of this batch (mean over seeds)
+        if it % args.log_every == 0:
+            cur_hist["iter"].append(it)
+            for k in cstats[0]:
+                cur_hist.setdefault(k, []).append(sum(s[k] for s in cstats) / E)
+    final = {k: hist[k][-1] for k in METRICS}
+    seeds = [{k: final[k][e] for k in METRICS} for e in range(E)]
+    return {"row": row, "seeds": seeds, "history": hist, "curriculum": cur_hist, "first_ratio_dev": first_ratio_dev,
+            "wall_s": time.time() - start, "samples": m["samples"][0]}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Exploration measurements with the exact ring velocity
+def _train_row_job(job) -> dict:
+    """One row in a worker process (--workers): rebuilt from plain tensors, one thread per process."""
+    base_state, row, args, tau = job
+    torch.set_num_threads(1)
+    base = VelocityMLP(2 * args.frames)
+    base.load_state_dict(base_state)
+    return train_row(base, row, args, tau, make_evaluation(base, args))
 
 
-def exploration(kind, eta, n=512, num_steps=20, shift=3.0, seed=7):
-    """Rollouts from ONE shared x_T: spread = mean distance of endpoints to their centroid; off = mean |r - 1|."""
-    means = ring_means(8, 1.0)
-    x_T = torch.randn(1, 2, generator=torch.Generator().manual_seed(seed)).expand(n, 2)
-    traj = sde.rollout(lambda x, s: mixture_velocity(x, s, means, 0.05), x_T, sde.sigma_schedule(num_steps, shift),
-                       kind, eta, torch.Generator().manual_seed(seed + 1))
-    end = traj.latents[:, -1]
-    spread = (end - end.mean(0)).norm(dim=-1).mean().item()
-    return traj, spread, ring_distance(end).mean().item()
+def mean_std(seeds: list[dict]) -> tuple[dict, dict]:
+    t = {k: torch.tensor([s[k] for s in seeds]) for k in METRICS}
+    # Sample std (n - 1) over seeds: the spread a reader should expect from another seed.
+    return ({k: v.mean().item() for k, v in t.items()},
+            {k: (v.std().item() if len(v) > 1 else 0.0) for k, v in t.items()})
 
 
-def ring_offring_many(kind, eta, n=4000, num_steps=20, shift=3.0):
-    """Mean |r - 1| of endpoints from independent x_T (the SPEC §7 measurement)."""
-    means = ring_means(8, 1.0)
-    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
-    traj = sde.rollout(lambda x, s: mixture_velocity(x, s, means, 0.05), x_T, sde.sigma_schedule(num_steps, shift),
-                       kind, eta, torch.Generator().manual_seed(2))
-    return ring_distance(traj.latents[:, -1]).mean().item()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _ring(ax, lim=1.8):
-    t = torch.linspace(0, 2 * math.pi, 200)
-    ax.plot(t.cos(), t.sin(), color="k", lw=1, alpha=0.6)
-    ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-
-
-def figures(out, fan, frontier, etas, runs, base_eval, best):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # 1. exploration fan
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.3))
-    for ax, kind in zip(axes, KINDS):
-        traj, spread, off = fan[kind]
-        _ring(ax)
-        for path in traj.latents[:48]:
-            ax.plot(path[:, 0], path[:, 1], color=COLORS[kind], lw=0.6, alpha=0.35)
-        ax.scatter(traj.latents[:, -1, 0], traj.latents[:, -1, 1], s=4, color=COLORS[kind])
-        ax.scatter(*traj.latents[0, 0], marker="*", s=150, color="k", zorder=5)
-        ax.set_title(f"{kind}, eta 0.5: mean |r-1| {off:.3f}, spread {spread:.2f}", fontsize=10)
-    fig.suptitle(f"One x_T (star), {len(fan['sage'][0].latents)} rollouts per SDE kind, exact ring velocity, K = 20, shift 3")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "1_fan.png"), dpi=90), plt.close(fig)
-
-    # 2. frontier
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+def gradient_norms(base: VelocityMLP, args) -> dict:
+    """[SAGE] Fig. 4 measured: per step, |d policy loss / d theta| of the base MLP, without and with S_t."""
+    out = {}
+    sigmas = sde.sigma_schedule(args.num_steps, args.shift)
     for kind in KINDS:
-        pts = [frontier[kind][e] for e in etas]
-        ax.plot([p["spread"] for p in pts], [p["offring"] for p in pts], "o-", color=COLORS[kind], label=kind)
-        for e, p in zip(etas, pts):
-            ax.annotate(f"{e:g}", (p["spread"], p["offring"]), fontsize=7, color=COLORS[kind])
-    ax.set_xlabel("exploration: mean endpoint distance to centroid (one x_T)")
-    ax.set_ylabel("off-manifold: mean |r - 1|"), ax.set_xlim(0, 1.4), ax.set_ylim(0, 0.3)
-    ax.set_title("Exploration vs manifold across eta (labels)"), ax.legend()
-    fig.tight_layout(), fig.savefig(os.path.join(out, "2_frontier.png"), dpi=90), plt.close(fig)
-
-    # 3. variance per step and equalizer weights
-    sig = sde.sigma_schedule(20, 5.0)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.3))
-    for kind in KINDS:
-        V = sde.step_variances(sig, kind, 0.5)
-        a1.semilogy(sig[:-1], V.clamp(min=1e-6), "o-", color=COLORS[kind], ms=3, label=kind)
-        a2.semilogy(sig[:-1], sde.equalizer_weights(sig, kind, 0.5).clamp(min=1e-3), "o-", color=COLORS[kind], ms=3,
-                    label=kind)
-    a1.set_xlabel("sigma_t (1 = noise)"), a1.set_ylabel("V_t"), a1.invert_xaxis(), a1.legend()
-    a1.set_title("Per-step variance, eta 0.5, K 20, shift 5 (flow > sage below sigma = 1)")
-    a2.set_xlabel("sigma_t"), a2.set_ylabel("S_t"), a2.invert_xaxis(), a2.legend()
-    a2.set_title("Gradient norm equalizer S_t = median(N) / N_t")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "3_variance.png"), dpi=90), plt.close(fig)
-
-    # 4. training curves
-    keys = [("reward", "mixed reward (rollouts)"), ("visual", "visual"), ("temporal", "temporal"),
-            ("semantic", "semantic"), ("offring", "off-manifold |r-1| (rollouts)"), ("kl_init", "KL to initial policy")]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
-    for ax, (key, title) in zip(axes.flat, keys):
-        for name, run in runs.items():
-            ax.plot(run["history"]["iter"], run["history"][key], label=name, lw=1.2)
-        ax.set_title(title), ax.set_xlabel("iteration")
-    axes.flat[4].set_yscale("log"), axes.flat[5].set_yscale("log")
-    axes.flat[0].legend(fontsize=7)
-    h = runs["sage_curriculum"]["history"]
-    ax = axes.flat[6]
-    for name in curriculum.COMPONENTS:
-        ax.plot(h["iter"], h[f"w_{name}"], label=f"w {name}")
-    ax.set_ylim(0, 1), ax.set_title("sage_curriculum: weights"), ax.legend(fontsize=8)
-    axes.flat[7].plot(h["iter"], h["stage"]), axes.flat[7].set_ylim(0.9, 3.1)
-    axes.flat[7].set_title("sage_curriculum: stage (1 vis, 2 temp, 3 sem)")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "4_training.png"), dpi=80), plt.close(fig)
-
-    # 5. before / after samples
-    fig, axes = plt.subplots(2, NUM_PROMPTS, figsize=(4 * NUM_PROMPTS, 8.3))
-    for row, (label, (scores, off, x, prompts)) in enumerate([("base", base_eval), (best[0], best[1])]):
-        for p in range(NUM_PROMPTS):
-            ax = axes[row, p]
-            _ring(ax, 1.6)
-            clips = x[prompts == p][:40]
-            for clip in clips:
-                ax.plot(clip[:, 0], clip[:, 1], "-", color="tab:blue", alpha=0.4, lw=0.8)
-                ax.scatter(clip[-1, 0], clip[-1, 1], s=6, color="tab:blue")
-            u = target_direction(torch.tensor([p]))[0]
-            ax.annotate("", xy=(1.45 * u[0], 1.45 * u[1]), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color="r"))
-            ax.set_title(f"{label}, prompt {p}")
-        axes[row, 0].set_ylabel(f"{label}: visual {scores[0]:.2f} temporal {scores[1]:.2f} semantic {scores[2]:.2f}")
-    fig.suptitle("ODE samples (F frames joined, dot = last frame); red arrow = the prompt's target arc")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "5_samples.png"), dpi=80), plt.close(fig)
+        g = torch.Generator().manual_seed(5)
+        prompts = torch.arange(NUM_PROMPTS).repeat_interleave(32)
+        velocity = lambda x, s: base(x, s, prompts)  # noqa: E731
+        traj = sde.rollout(velocity, torch.randn(len(prompts), 2 * args.frames, generator=g), sigmas, kind, 0.5, g)
+        scores = toy_scores(traj.latents[:, -1].view(-1, args.frames, 2), prompts)
+        A = grpo.group_advantages(scores.mean(1), 8)
+        S = sde.equalizer_weights(sigmas, kind, 0.5)
+        rows = {"sigma": [], "without": [], "with": []}
+        for t in torch.nonzero(traj.is_stochastic).flatten().tolist():
+            tt = torch.full((len(prompts),), t)
+            norms = []
+            for weight in (torch.ones_like(S), S):
+                loss, _ = grpo.trained_step_loss(velocity, traj, tt, A, kind, 0.5, weight, None, 0.0, 0.0, 0.0,
+                                                 args.clip_range)
+                grads = torch.autograd.grad(loss, list(base.parameters()))
+                norms.append(torch.sqrt(sum(gr.pow(2).sum() for gr in grads)).item())
+            rows["sigma"].append(sigmas[t].item()), rows["without"].append(norms[0]), rows["with"].append(norms[1])
+        out[kind] = rows
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,23 +484,28 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     p.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache"))
-    p.add_argument("--quick", action="store_true", help="small run for tests (~20 s on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="5 rows, 30 iterations: what tests/test_toy.py runs")
     p.add_argument("--frames", type=int, default=4)
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--prompts_per_iter", type=int, default=16)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row, trained as one batched model")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--prompts_per_iter", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--num_steps", type=int, default=10)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--clip_range", type=float, default=0.01, help="Deviations 3")
+    p.add_argument("--updates_per_rollout", type=int, default=2, help="Deviations 5")
     p.add_argument("--pretrain_steps", type=int, default=3000)
-    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--eval_every", type=int, default=20)
+    p.add_argument("--eval_per_prompt", type=int, default=64)
+    p.add_argument("--log_every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="processes training rows in parallel (1 = no fork)")
     args = p.parse_args(argv)
-    args.explore_samples = 512
     if args.quick:
-        args.iters, args.prompts_per_iter, args.pretrain_steps, args.log_every = 60, 8, 800, 10
-        args.explore_samples = 256
+        args.iters, args.pretrain_steps, args.eval_every = 30, 400, 10
+    if min(args.seeds, args.updates_per_rollout, args.iters, args.workers, args.eval_every, args.log_every) < 1:
+        p.error("--seeds, --updates_per_rollout, --iters, --workers, --eval_every and --log_every must be >= 1")
     return args
 
 
@@ -397,57 +516,104 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    cache = os.path.join(args.cache, f"base_F{args.frames}_{args.pretrain_steps}.pt") if args.cache else None
+    cache = os.path.join(args.cache, f"base_F{args.frames}_{args.pretrain_steps}_stacked.pt") if args.cache else None
     base = pretrain(args.frames, args.pretrain_steps, cache, args.seed)
     t_pretrain = time.time() - t0
 
-    etas = [0.1, 0.3, 0.5, 0.7, 1.0]
-    n = args.explore_samples
-    frontier = {k: {e: dict(zip(("spread", "offring"), exploration(k, e, n)[1:])) for e in etas} for k in KINDS}
-    fan = {k: exploration(k, 0.5, n) for k in KINDS}
-    offring_20 = {k: ring_offring_many(k, 0.5, 8 * n) for k in KINDS}
+    # Exploration with the exact ring velocity, on the training schedule (K, shift) (Deviations 1).
+    K, shift = args.num_steps, args.shift
+    etas = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    explore = {k: {e: exploration(k, e, K, shift) for e in etas} for k in KINDS}
+    frontier = {k: {e: {"spread": explore[k][e][1], "offring": explore[k][e][2]} for e in etas} for k in KINDS}
+    matched = matched_etas(frontier, etas, frontier["sage"][0.5]["spread"])
+    along = {k: offmanifold_along(k, 0.5, K, shift) for k in ("ode",) + KINDS}  # ode: the no-noise reference
+    along_matched = {"ode": along["ode"], **{k: offmanifold_along(k, matched[k] or 1.0, K, shift) for k in KINDS}}
+    # The SPEC §7 measurement: many independent x_T, K = 20 (and the training K), eta 0.5.
+    offring_exact = {f"K{k_}_shift3_eta0.5": {
+        k: ring_distance(exact_rollout(k, 0.5, torch.randn(4096, 2, generator=torch.Generator().manual_seed(1)),
+                                       k_, 3.0, 2).latents[:, -1]).mean().item() for k in KINDS} for k_ in (20, K)}
 
     # Curriculum thresholds relative to the base policy's own rollout scores (Deviations 4).
     g = torch.Generator().manual_seed(999)
     prompts = torch.arange(NUM_PROMPTS).repeat_interleave(64)
-    traj = sde.rollout(lambda x, s: base(x, s, prompts), torch.randn(len(prompts), 2 * args.frames, generator=g),
-                       sde.sigma_schedule(args.num_steps, args.shift), "sage", 0.5, g)
+    with torch.no_grad():
+        traj = sde.rollout(lambda x, s: base(x, s, prompts), torch.randn(len(prompts), 2 * args.frames, generator=g),
+                           sde.sigma_schedule(K, shift), "sage", 0.5, g)
     base_rollout = toy_scores(traj.latents[:, -1].view(-1, args.frames, 2), prompts).mean(0)
     tau = (base_rollout[0].item() + 0.05, base_rollout[1].item() + 0.05)
 
-    runs = {v.name: train_variant(base, v, args, tau) for v in VARIANTS}
-    base_eval = ode_eval(base, args.frames, args.num_steps, args.shift)
-    best = ("sage", ode_eval(runs["sage"]["net"], args.frames, args.num_steps, args.shift))
-    figures(args.out, fan, frontier, etas, runs, base_eval, best)
+    t_explore = time.time() - t0 - t_pretrain
+    ev = make_evaluation(base, args)
+    base_m = evaluate(base, ev, args)
+    grad_norms = gradient_norms(base, args)
+    rows = [r for r in ablation_rows(matched) if not args.quick or r.name in QUICK_ROWS]
+    jobs = [({k: v.clone() for k, v in base.state_dict().items()}, row, args, tau) for row in rows]
+    runs = []
+    # Rows are independent and each runs on one thread, so --workers processes finish the table that many
+    # times sooner with the same numbers (a row's result does not depend on the process it ran in).
+    pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    for run in (pool.imap(_train_row_job, jobs) if pool else map(_train_row_job, jobs)):
+        runs.append(run)
+        mean, std = mean_std(run["seeds"])
+        print(f"{run['row'].name:<22} total {mean['total']:.3f} +- {std['total']:.3f}  offring {mean['offring']:.3f}  "
+              f"kl {mean['kl_init']:.3f}  {run['wall_s']:.1f}s", flush=True)
+    if pool:
+        pool.close(), pool.join()
 
+    t_rows = time.time() - t0 - t_pretrain - t_explore
+    from toy import figures  # matplotlib is imported only to draw
+
+    figures.write_all(args.out, args, explore=explore, frontier=frontier, etas=etas, matched=matched, along=along,
+                      along_matched=along_matched, grad_norms=grad_norms, runs=runs, base_samples=base_m["samples"][0],
+                      base_metrics={k: base_m[k].item() for k in METRICS}, prompts=ev["prompts"])
+
+    t_figures = time.time() - t0 - t_pretrain - t_explore - t_rows
+    ablation = []
+    for run in runs:
+        mean, std = mean_std(run["seeds"])
+        ablation.append({"name": run["row"].name, "factor": run["row"].factor, "compare_to": run["row"].compare_to,
+                         "config": asdict(run["row"]), "seeds": run["seeds"], "mean": mean, "std": std,
+                         "first_ratio_dev": run["first_ratio_dev"], "wall_s": run["wall_s"],
+                         "history": run["history"], "curriculum_history": run["curriculum"]})
     summary = {
         "args": vars(args),
         "pretrain_s": t_pretrain,
+        "wall_s": {"pretrain": t_pretrain, "exploration": t_explore, "rows": t_rows, "figures": t_figures},
         "exploration": {k: {str(e): frontier[k][e] for e in etas} for k in KINDS},
-        "offring_eta0.5_K20_shift3": offring_20,
-        "base_ode": {"visual": base_eval[0][0].item(), "temporal": base_eval[0][1].item(),
-                     "semantic": base_eval[0][2].item(), "total_equal_weights": base_eval[0].mean().item(),
-                     "offring": base_eval[1]},
+        "matched_eta": matched,
+        "offring_exact_velocity": offring_exact,
+        "offmanifold_along": {"eta0.5": along, "matched": along_matched},
+        "grad_norms": grad_norms,
+        "base_ode": {k: base_m[k].item() for k in METRICS},
         "curriculum_tau": tau,
-        "variants": {name: {**run["final"], "wall_s": run["wall_s"], "first_ratio_dev": run["history"]["first_ratio"][0],
-                            "history": run["history"]} for name, run in runs.items()},
+        "ablation": ablation,
         "total_s": time.time() - t0,
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-
-    print(f"pretrain {t_pretrain:.1f}s (cached: {cache is not None and t_pretrain < 1})")
-    print(f"exact ring velocity, K=20, shift 3, eta 0.5, mean |r-1| over {8 * n} endpoints:",
-          ", ".join(f"{k} {offring_20[k]:.3f}" for k in KINDS))
-    print(f"{'variant':<18} {'visual':>7} {'tempor':>7} {'semant':>7} {'total':>7} {'|r-1|':>7} {'KL_init':>8} {'wall':>6}")
-    b = summary["base_ode"]
-    print(f"{'base (ODE)':<18} {b['visual']:7.3f} {b['temporal']:7.3f} {b['semantic']:7.3f} "
-          f"{b['total_equal_weights']:7.3f} {b['offring']:7.3f}")
-    for name, s in summary["variants"].items():
-        print(f"{name:<18} {s['visual']:7.3f} {s['temporal']:7.3f} {s['semantic']:7.3f} {s['total_equal_weights']:7.3f} "
-              f"{s['offring']:7.3f} {s['kl_init']:8.2e} {s['wall_s']:5.1f}s")
-    print(f"total {summary['total_s']:.1f}s; figures and summary.json in {args.out}")
+    print_summary(summary, cache is not None and t_pretrain < 1)
     return summary
+
+
+def print_summary(summary: dict, cached: bool) -> None:
+    a = summary["args"]
+    print(f"pretrain {summary['pretrain_s']:.1f}s (cached: {cached})")
+    for key, off in summary["offring_exact_velocity"].items():
+        print(f"exact ring velocity, {key}, mean |r-1| over 4096 endpoints:",
+              ", ".join(f"{k} {v:.3f}" for k, v in off.items()))
+    print("eta matching sage's spread at eta 0.5:", summary["matched_eta"])
+    print(f"ODE metrics, mean +- std over {a['seeds']} seeds, {a['iters']} iterations, K {a['num_steps']}, "
+          f"shift {a['shift']:g}:")
+    cols = ("total", "visual", "temporal", "semantic", "offring", "kl_init", "diversity")
+    print(f"{'row':<22} " + " ".join(f"{c:>15}" for c in cols))
+    b = summary["base_ode"]
+    print(f"{'base':<22} " + " ".join(f"{b[c]:>15.3f}" for c in cols))
+    for r in summary["ablation"]:
+        print(f"{r['name']:<22} " + " ".join(f"{r['mean'][c]:>8.3f} +-{r['std'][c]:.3f}" for c in cols))
+    w = summary["wall_s"]
+    print(f"total {summary['total_s']:.1f}s (pretrain {w['pretrain']:.1f}, exploration {w['exploration']:.1f}, "
+          f"{len(summary['ablation'])} rows on {a['workers']} workers {w['rows']:.1f}, figures {w['figures']:.1f}); "
+          f"figures and summary.json in {a['out']}")
 
 
 if __name__ == "__main__":
