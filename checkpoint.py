@@ -3,7 +3,8 @@ kill at any moment leaves only complete ones, which checkpoint `latest` means, a
 
 A checkpoint `checkpoints/checkpoint-<step>/` holds
     optimizer.bin, random_states_<rank>.pkl, ...   accelerate's `save_state` (full fine-tuning: the weights too)
-    lora.safetensors                                LoRA runs: the adapter, the only weights that change
+    pytorch_lora_weights.safetensors                LoRA runs: the adapter, the only weights that change, in
+                                                    diffusers' format (export.py; lora.safetensors before)
     anchor.pt  (anchor_rank<i>.pt under FSDP)       the moving anchor's snapshot and counters
     trainer_state.json                              step, curriculum, base validation scores, the run's identity
     manifest.json                                   written last: every file above with its size in bytes
@@ -50,6 +51,7 @@ import warnings
 import torch
 from accelerate.utils import DistributedType
 
+import export
 import logs
 
 CHECKPOINTS = "checkpoints"          # sub-folder of the output folder
@@ -59,7 +61,9 @@ NAME = re.compile(r"checkpoint-(\d+)")
 # Everything a run writes into its output folder (what --overwrite_output_dir deletes), and the part that
 # shows a run has made progress: the files written before the first step (config.json, the base validation
 # videos) do not make a folder "hold a run", so a run killed while loading can simply be started again.
-RUN_FILES = (CHECKPOINTS, "metrics.jsonl", "samples.jsonl", "profile.jsonl", "metrics.png", "config.json", "samples")
+RUN_FILES = (CHECKPOINTS, "metrics.jsonl", "samples.jsonl", "profile.jsonl", "metrics.png", "config.json", "samples",
+             "tracker", "wandb", export.LORA_FILE, export.TRANSFORMER)
+FINAL_EXPORT = (export.LORA_FILE, export.TRANSFORMER)  # what the end of a run writes at the output folder's root
 PROGRESS_FILES = (CHECKPOINTS, "metrics.jsonl", "samples.jsonl")
 
 # Options that define what a run computes: a resume must not change them.
@@ -68,7 +72,7 @@ RUN_FIELDS = ("backbone", "pretrained", "full", "lora_rank", "lora_alpha", "num_
               "timestep_fraction", "clip_range", "adv_clip", "anchor_every", "beta_pos", "beta_vel", "kl_start",
               "kl_end", "kl_ramp_steps", "updates_per_rollout", "reward", "reward_model", "curriculum",
               "curriculum_tau", "curriculum_k", "curriculum_beta", "static_weights", "learning_rate", "weight_decay",
-              "max_grad_norm", "seed")
+              "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "seed")
 
 
 class CheckpointError(ValueError):
@@ -125,9 +129,9 @@ def _saved_identity(output_dir: str) -> dict | None:
         return None
 
 
-def clear_run(output_dir: str) -> None:
+def clear_run(output_dir: str, names=RUN_FILES) -> None:
     """--overwrite_output_dir: delete the files a run writes (RUN_FILES), nothing else (Deviations 3)."""
-    for name in RUN_FILES:
+    for name in names:
         path = os.path.join(output_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -207,7 +211,9 @@ def run_identity(cfg, num_processes: int, mixed_precision: str, train_prompts: l
     if cfg.reward_prompt_template:
         with open(cfg.reward_prompt_template, "rb") as f:
             rubric = _sha(f.read())
-    return {**{k: getattr(cfg, k) for k in RUN_FIELDS}, "num_processes": num_processes,
+    # A decaying learning-rate schedule is laid out over --max_steps, so there the length defines the run too.
+    length = None if cfg.lr_scheduler in ("constant", "constant_with_warmup") else cfg.max_steps
+    return {**{k: getattr(cfg, k) for k in RUN_FIELDS}, "max_steps": length, "num_processes": num_processes,
             "mixed_precision": mixed_precision, "prompts_sha256": _sha("\n".join(train_prompts).encode()),
             "validation_prompts_sha256": _sha("\n".join(val_prompts).encode()), "rubric_sha256": rubric}
 
@@ -228,9 +234,6 @@ def anchor_file(accelerator) -> str:
 def save(output_dir: str, step: int, accelerator, model, anchor, cur, state: dict, identity: dict,
          full: bool, keep: int) -> str:
     """Writes checkpoint-<step> by the protocol of the module docstring and rotates to the newest `keep`."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     root = os.path.join(output_dir, CHECKPOINTS)
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = final + ".incomplete"
@@ -241,10 +244,9 @@ def save(output_dir: str, step: int, accelerator, model, anchor, cur, state: dic
         os.makedirs(tmp)
     accelerator.wait_for_everyone()  # [dist]
     try:
-        accelerator.save_state(tmp)  # [dist] optimizer, RNG states and (full fine-tuning) sharded weights
-        if accelerator.is_main_process and not full:  # the adapter is the whole model delta
-            lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
-            save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, os.path.join(tmp, "lora.safetensors"))
+        accelerator.save_state(tmp)  # [dist] optimizer, LR schedule, RNG states and (full fine-tuning) the weights
+        if not full:  # the adapter is the whole model delta, written as diffusers loads it (export.py)
+            export.save_weights(accelerator, model, tmp, full)
         if accelerator.is_main_process or sharded_anchor(accelerator):  # [dist] FSDP: each process its own shard
             torch.save(anchor.state_dict(), os.path.join(tmp, anchor_file(accelerator)))
         if accelerator.is_main_process:  # [dist]
@@ -268,7 +270,25 @@ def save(output_dir: str, step: int, accelerator, model, anchor, cur, state: dic
     return final
 
 
-def _seal(folder: str) -> None:
+def export_final(accelerator, model, output_dir: str, full: bool) -> None:
+    """The end of a run: the policy at the output folder's root in diffusers' format (export.py), LoRA as
+    pytorch_lora_weights.safetensors, full fine-tuning as transformer/. Written beside and renamed into place,
+    so a kill leaves the old export or the new one, never half of one. Collective: call on every process."""
+    tmp = os.path.join(output_dir, "export.incomplete")
+    if accelerator.is_main_process:  # [dist]
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()  # [dist]
+    export.save_weights(accelerator, model, tmp, full)  # [dist] gathers the full state dict under FSDP
+    if accelerator.is_main_process:  # [dist]
+        for name in os.listdir(tmp):
+            _seal(os.path.join(tmp, name), manifest=False) if os.path.isdir(os.path.join(tmp, name)) else _fsync(
+                os.path.join(tmp, name))
+            _rename(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    accelerator.wait_for_everyone()  # [dist]
+
+
+def _seal(folder: str, manifest: bool = True) -> None:
     """fsync every file, then write the manifest (the last file), then fsync the folder itself."""
     files = {}
     for dirpath, _, names in os.walk(folder):
@@ -276,7 +296,8 @@ def _seal(folder: str) -> None:
             path = os.path.join(dirpath, name)
             _fsync(path)
             files[os.path.relpath(path, folder)] = os.path.getsize(path)
-    logs.write_json(os.path.join(folder, MANIFEST), {"files": files})
+    if manifest:
+        logs.write_json(os.path.join(folder, MANIFEST), {"files": files})
     _fsync(folder)
 
 
@@ -300,10 +321,9 @@ def _fsync(path: str) -> None:
 # Resume
 
 
-def load(path: str, accelerator, model, anchor, cur, identity: dict, full: bool) -> dict:
+def load(path: str, accelerator, model, anchor, cur, identity: dict, full: bool, output_dir: str) -> dict:
     """Restores everything `save` wrote after checking the run's identity; returns trainer_state.json."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
@@ -316,7 +336,9 @@ def load(path: str, accelerator, model, anchor, cur, identity: dict, full: bool)
             f"options it was saved with, or start a new run with another --output_dir (or --overwrite_output_dir)")
     accelerator.load_state(path)  # [dist]
     if not full:
-        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(os.path.join(path, "lora.safetensors")))
+        set_peft_model_state_dict(accelerator.unwrap_model(model), export.read_adapter(path))
+    if accelerator.is_main_process:  # [dist] the run goes on: its final export will be written again at its end
+        clear_run(output_dir, FINAL_EXPORT)  # (it would be older than the checkpoints)
     anchor.load_state_dict(torch.load(os.path.join(path, anchor_file(accelerator)), weights_only=True))
     cur.load_state_dict(state["curriculum"])
     checked = [k for k in identity if k in saved]

@@ -116,6 +116,35 @@ def training_row(accelerator, step: int, lr: float, lam: float, anchor, all_scor
     return row
 
 
+def start(accelerator, paths: dict, start_step: int, config_path: str, config: dict) -> list[dict]:
+    """At the start of a run or a resume: config.json written, every jsonl file cut back to the resumed step (the
+    rest is replayed). Returns the metrics rows kept (the plot's history)."""
+    history = []
+    if accelerator.is_main_process:  # [dist]
+        write_json(config_path, config)
+        history = [truncate_jsonl(path, start_step) for path in paths.values()][0]  # paths["metrics"] first
+    return history
+
+
+def write_step(accelerator, paths: dict, history: list, row: dict, samples: dict, max_steps: int) -> None:
+    """One iteration's records: the per-sample line, the metrics row (also to the trackers) and, every 10 steps,
+    at validation and at the end, the plot. Main process only; the trackers get the finite numbers."""
+    accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))  # [dist]
+                     and math.isfinite(v)}, step=row["step"])
+    if not accelerator.is_main_process:  # [dist]
+        return
+    append_jsonl(paths["samples"], samples)
+    append_jsonl(paths["metrics"], row)
+    history.append(row)
+    if "val/total" in row or row["step"] % 10 == 0 or row["step"] == max_steps:
+        plot_metrics(history, os.path.join(os.path.dirname(paths["metrics"]), "metrics.png"))
+
+
+def tracker_config(config: dict) -> dict:
+    """The run's options as trackers take them (TensorBoard's hparams accept numbers, strings and bools only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
 def plot_metrics(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -140,6 +169,34 @@ def plot_metrics(rows: list[dict], path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=80), plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_validation(accelerator, videos, names: list[str], fps: int) -> None:
+    """This process's validation videos as files, and (main process) to the trackers: wandb gets the videos,
+    TensorBoard a strip of each video's first, middle and last frame (its add_video needs moviepy)."""
+    if videos is None:
+        return
+    os.makedirs(os.path.dirname(names[0]), exist_ok=True)
+    save_videos(videos, names, fps)
+    if not accelerator.is_main_process:  # [dist] trackers live on the main process
+        return
+    for tracker in accelerator.trackers:
+        for video, name in zip(videos, names):
+            tag, step = "val/" + os.path.basename(name), _step_of(name)
+            frames = (video.clamp(0, 1) * 255).round().byte().cpu()  # (F, 3, H, W)
+            if tracker.name == "wandb":
+                import wandb
+
+                tracker.log({tag: wandb.Video(frames.numpy(), fps=fps)}, step=step)
+            elif tracker.name == "tensorboard":
+                strip = torch.cat([frames[i] for i in (0, len(frames) // 2, len(frames) - 1)], dim=2)  # (3, H, 3W)
+                tracker.writer.add_image(tag, strip, global_step=step)
+
+
+def _step_of(name: str) -> int:
+    """'.../step000025_1' -> 25; 'base_1' -> 0."""
+    stem = os.path.basename(name).split("_")[0]
+    return int(stem[4:]) if stem.startswith("step") else 0
 
 
 def save_videos(videos: torch.Tensor, paths: list[str], fps: int) -> None:

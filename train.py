@@ -67,6 +67,7 @@ Deviations / choices
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -81,6 +82,7 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -112,6 +114,9 @@ class Config:
     # data
     prompts: Optional[str] = field(default=None, metadata={"help": "text file, one prompt per line (default: built-in list)"})
     validation_prompts: Optional[str] = field(default=None, metadata={"help": "text file (default: built-in list)"})
+    validation_prompt: Optional[list[str]] = field(default=None, metadata={
+        "help": "a validation prompt; repeat the option for several (added to --validation_prompts' file, or "
+                "replacing the built-in list)", "action": "append"})
     num_frames: Optional[int] = field(default=None, metadata={"help": "4k+1; [SAGE] 81 (tiny: 5)"})
     height: Optional[int] = field(default=None, metadata={"help": "[SAGE] 352 (tiny: 32)"})
     width: Optional[int] = field(default=None, metadata={"help": "[SAGE] 624 (tiny: 32)"})
@@ -156,6 +161,11 @@ class Config:
     learning_rate: Optional[float] = field(default=None, metadata={
         "help": "default 3e-4 LoRA ([FlowGRPO]); full: the preset's ([SAGE] 1e-5, [SPG] Wan2.1-1.3B 5e-6)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay ([FlowGRPO])"})
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "diffusers.optimization schedule over the optimizer updates: constant (the papers'), constant_with_warmup, "
+                "linear, cosine, cosine_with_restarts, polynomial, piecewise_constant"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "optimizer updates of linear warm-up (the *_with_warmup, "
+                                                              "linear, cosine and polynomial schedules)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "[SAGE] 1.0"})
     max_steps: int = field(default=300, metadata={"help": "iterations (rollout batches); each makes --updates_per_rollout optimizer steps"})
     seed: int = field(default=0, metadata={"help": "everything random derives from it"})
@@ -168,6 +178,8 @@ class Config:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "delete the run already in --output_dir (its checkpoints, logs and samples) and start again"})
     validation_steps: int = field(default=25, metadata={"help": "ODE samples of the validation prompts every N steps"})
+    report_to: str = field(default="none", metadata={
+        "help": "trackers through accelerate: none, tensorboard, wandb or all (metrics.jsonl is written always)"})
     profile: bool = field(default=False, metadata={"help": "print a per-phase time / model-call table (README)"})
     dist_timeout: int = field(default=600, metadata={
         "help": "seconds a process waits for its peers at a collective call before the run stops with an error "
@@ -213,13 +225,16 @@ def parse_floats(text: str, n: int, option: str, low: float = 0.0, high: float =
     return values
 
 
+TRACKER_RUN = "tracker"  # trackers write under <output_dir>/tracker (tensorboard) or their own folder (wandb)
+TRACKERS = ("none", "tensorboard", "wandb", "all")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's big-model placements
 # One rule per numeric option: (options, test, what the value must be). NaN fails every comparison.
 RULES = [
     (("num_steps", "group_size", "batch_size", "micro_batch_size", "lora_rank", "reward_batch_size", "max_steps",
       "checkpoints_total_limit", "fps", "num_frames", "height", "width", "updates_per_rollout", "dist_timeout"),
      lambda v: v >= 1, "an integer >= 1"),
-    (("checkpointing_steps", "validation_steps", "anchor_every", "kl_ramp_steps", "seed"),
+    (("checkpointing_steps", "validation_steps", "anchor_every", "kl_ramp_steps", "seed", "lr_warmup_steps"),
      lambda v: v >= 0, "an integer >= 0 (0 switches it off where that makes sense, see --help)"),
     (("eta", "learning_rate", "clip_range", "adv_clip", "max_grad_norm", "curriculum_k", "lora_alpha", "shift"),
      lambda v: 0 < v < math.inf, "a finite number > 0"),
@@ -277,7 +292,14 @@ def resolve(cfg: Config) -> Config:
     parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau", 0.0, 1.0)
     if sum(parse_floats(cfg.static_weights, 3, "--static_weights")) <= 0:
         raise ConfigError(f"--static_weights {cfg.static_weights!r}: at least one weight must be > 0")
-    read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts"), read_prompts(cfg.validation_prompts, [], "--validation_prompts")
+    read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts"), validation_prompt_list(cfg)
+    if cfg.lr_scheduler not in LR_SCHEDULES:
+        raise ConfigError(f"--lr_scheduler {cfg.lr_scheduler!r}: choose one of {LR_SCHEDULES}")
+    if cfg.report_to not in TRACKERS:
+        raise ConfigError(f"--report_to {cfg.report_to!r}: choose one of {TRACKERS}")
+    for tracker in ("tensorboard", "wandb"):
+        if cfg.report_to in (tracker, "all") and importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"--report_to {cfg.report_to} needs the {tracker} package: pip install {tracker}")
     if cfg.reward_prompt_template and not os.path.isfile(cfg.reward_prompt_template):
         raise ConfigError(f"--reward_prompt_template {cfg.reward_prompt_template!r} does not exist")
     if cfg.reward_device_map is not None and (cfg.reward != "vlm" or cfg.reward_device_map not in DEVICE_MAPS):
@@ -301,17 +323,19 @@ def resolve(cfg: Config) -> Config:
 def main(cfg: Config) -> list[dict]:
     # ---- setup: every option checked first, then the output folder, then the models ----------------
     cfg = resolve(cfg)
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])  # [dist]
+    accelerator = Accelerator(  # [dist] reads `accelerate config` / launch flags (mixed precision, FSDP...)
+        log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.output_dir,
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer updates, whatever the process count
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])  # Deviations 11
     check_launch(cfg, accelerator)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    train_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts")
-    val_prompts = read_prompts(cfg.validation_prompts, VALIDATION_PROMPTS, "--validation_prompts")
+    train_prompts, val_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts"), validation_prompt_list(cfg)
     identity = checkpoint.run_identity(cfg, world, accelerator.mixed_precision, train_prompts, val_prompts)
     resume = checkpoint.claim_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, identity)
     if cfg.overwrite_output_dir and accelerator.is_main_process:  # [dist]
         checkpoint.clear_run(cfg.output_dir)
     accelerator.wait_for_everyone()  # [dist] nobody writes before the old run is gone
-    set_seed(cfg.seed)  # model init of the tiny backbone and LoRA; rollouts use their own generators
+    set_seed(cfg.seed)  # model init of the tiny backbones and LoRA; rollouts use their own generators
     weight_dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     family = backbones.module(cfg.backbone)  # hunyuan.py or wan.py: the same functions (backbones.py)
     backbone = family.load_backbone(cfg.backbone, cfg.pretrained, device=device, dtype=weight_dtype, seed=cfg.seed)
@@ -328,25 +352,9 @@ def main(cfg: Config) -> list[dict]:
     text(train_prompts + val_prompts)
     negative = text.negative(1)
     text.offload_encoders()
-
-    model = backbone.transformer
-    if cfg.full and weight_dtype != torch.float32:  # Deviations 14: fp32 master weights, bf16 compute (autocast)
-        model.float()
-    params = family.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
-    family.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
-    params = [p for p in params if p.requires_grad]
-    if cfg.gradient_checkpointing:
-        family.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
-    accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)  # [dist]
-    configure_deepspeed(cfg, accelerator)  # [dist]
-    model, optimizer = accelerator.prepare(model, optimizer)  # [dist]
-    params = [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP replaces the tensors
+    model, optimizer, scheduler, params = prepare_training(cfg, accelerator, family, backbone.transformer, k_train)
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
-    cur = curriculum.build_curriculum(cfg.curriculum, **(
-        {"weights": parse_floats(cfg.static_weights, 3, "--static_weights")} if cfg.curriculum == "static" else
-        {"tau": tuple(parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau")), "k": cfg.curriculum_k, "beta": cfg.curriculum_beta}))
+    cur = build_curriculum(cfg)
     scorer = rewards.build_reward(cfg.reward, path=cfg.reward_model, prompt_template_file=cfg.reward_prompt_template,
                                   device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32,
                                   batch_size=cfg.reward_batch_size, device_map=cfg.reward_device_map)
@@ -356,44 +364,25 @@ def main(cfg: Config) -> list[dict]:
         f"trained_steps={k_train} G={cfg.group_size} batch/process={cfg.batch_size} num_processes={world} "
         f"precision={accelerator.mixed_precision} {'full' if cfg.full else 'LoRA'} "
         f"trainable={sum(p.numel() for p in params) / 1e6:.2f}M reward={cfg.reward} curriculum={cfg.curriculum}")
-    if not cfg.full:  # [dist] accelerate saves optimizer and RNG; the adapter is saved by checkpoint.save
-        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
-        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+    accelerator.init_trackers(TRACKER_RUN, config=logs.tracker_config(asdict(cfg)),  # [dist] no-op for none
+                              init_kwargs={"wandb": {"dir": cfg.output_dir}})
 
     def velocity_fn(embeds):  # the policy velocity for one micro-batch of prompts (CFG inside)
         return backbones.velocity_fn(family, model, embeds, negative, cfg.guidance)
 
-    def sample_videos(embeds, x_T, gens, kind, eta) -> sde.Trajectory:  # the micro-batched rollout
-        return backbones.sample(family, model, embeds, negative, x_T, gens, sigmas, kind, eta, cfg.guidance,
-                                cfg.micro_batch_size)
-
-    def score(videos, prompts):  # (n, 3) components in [0, 1] and the scorer's per-sample diagnostics
-        scores, diagnostics = rewards.score_batched(scorer, videos, prompts, cfg.fps, cfg.reward_batch_size)
-        return scores.to(device), {k: v.to(device) for k, v in diagnostics.items()}
-
-    def validate(tag: str) -> dict:  # ODE samples of the validation prompts, same noise every time
-        n = len(val_prompts)
-        gens = backbones.rollout_generators(cfg.seed, backbones.VALIDATION, 0, n, device)  # the same at every validation
-        x_T = backbones.initial_noise(gens, latent, device)
-        with torch.no_grad():
-            traj = sample_videos(text(val_prompts), x_T, gens, "ode", 0.0)
-            videos = family.decode(backbone, traj.latents[:, -1])
-        s = score(videos, val_prompts)[0]
-        if accelerator.is_main_process:  # [dist]
-            os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-            logs.save_videos(videos, [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in range(n)], cfg.fps)
-        return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
+    def validate(tag: str) -> dict:  # the ODE videos of the validation prompts, scored and saved
+        return validation(tag, cfg, accelerator, family, backbone, model, text, negative, val_prompts, latent, sigmas,
+                          scorer)
 
     # ---- resume: the newest complete checkpoint, or a fresh start -----------------------------------
-    state = checkpoint.load(resume, accelerator, model, anchor, cur, identity, cfg.full) if resume else {}
+    state = checkpoint.load(resume, accelerator, model, anchor, cur, identity, cfg.full,
+                                                  cfg.output_dir) if resume else {}
     start_step = state.get("step", 0)
     # Deviations 6: the base policy is measured once, before any update, and kept in the checkpoints
     base_val = state["base_val"] if "base_val" in state else validate("base") if cfg.validation_steps else {}
     paths = {name: os.path.join(cfg.output_dir, f"{name}.jsonl") for name in ("metrics", "samples", "profile")}
-    history = []
-    if accelerator.is_main_process:  # [dist] the rows after the checkpoint are replayed: drop them
-        logs.write_json(os.path.join(cfg.output_dir, "config.json"), {**asdict(cfg), "run_identity": identity})
-        history = [logs.truncate_jsonl(p, start_step) for p in paths.values()][0]
+    history = logs.start(accelerator, paths, start_step, os.path.join(cfg.output_dir, "config.json"),
+                         {**asdict(cfg), "run_identity": identity})
 
     # ---- loop -------------------------------------------------------------------------------------
     N = cfg.batch_size  # videos on this process
@@ -404,21 +393,20 @@ def main(cfg: Config) -> list[dict]:
         t_step = time.perf_counter()
         timer.reset()
         model.eval()  # no dropout anywhere, but be explicit: rollout and training forwards must agree
-        with logs.StepWarnings(step + 1) as warned, dist_errors(cfg.dist_timeout, world):
-            # 1. sample: this process's prompts (whole groups), one noise stream per sample
+        with logs.StepWarnings(step + 1), dist_errors(cfg.dist_timeout, world):
+            # 1. sample: this process's prompts (whole groups), one noise stream per sample (Deviations 2)
             with timer("rollout"):
                 prompts = local_prompts(train_prompts, cfg, step, rank, world)  # (N,) groups consecutive
                 gens = backbones.rollout_generators(cfg.seed, step, rank * N, N, device)
-                # x_T and every later noise draw of sample i come from its own generator (Deviations 2)
-                x_T = backbones.initial_noise(gens, latent, device)
                 embeds = text(prompts)  # cached embeddings of this process's prompts, for rollout and training
-                traj = sample_videos(embeds, x_T, gens, cfg.sde, cfg.eta)
+                traj = backbones.sample(family, model, embeds, negative, backbones.initial_noise(gens, latent, device),
+                                        gens, sigmas, cfg.sde, cfg.eta, cfg.guidance, cfg.micro_batch_size)
 
             # 2. reward: decode, score three components, mix them with the curriculum
             with timer("decode"):
                 videos = family.decode(backbone, traj.latents[:, -1])  # (N, F, 3, H, W)
             with timer("reward"):
-                scores, diagnostics = score(videos, prompts)  # (N, 3), {name: (N,)}
+                scores, diagnostics = score(scorer, videos, prompts, cfg, device)  # (N, 3), {name: (N,)}
                 # The curriculum's competence is global (the whole batch over all processes), while the mixing
                 # below uses each group's own scores, which all live on this process.
                 all_scores = accelerator.gather(scores)  # [dist] curriculum state must agree on every process
@@ -429,44 +417,33 @@ def main(cfg: Config) -> list[dict]:
             A = grpo.group_advantages(mixed, cfg.group_size, clip=cfg.adv_clip)  # (N,)
             all_mixed, all_A = accelerator.gather(mixed), accelerator.gather(A)  # [dist] global sample order
 
-            # 4. update: every trained step of every sample; anchor means first, at rollout time
+            # 4. update: the anchor's means first (at rollout time, one pass), then the optimizer steps
             steps = grpo.select_timesteps(N * world, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
                 backbones.derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
             micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
             with timer("anchor"):
-                # The anchor's means for every trained (sample, step), under no_grad with the anchor's weights
-                # swapped in, so the training loop below never runs a second model.
-                mu_anchor = {}
-                if cfg.beta_pos > 0 and not anchor.is_current:  # right after a refresh the anchor IS mu_old
-                    with torch.no_grad(), anchor.swapped_in():
-                        for j in range(steps.shape[1]):
-                            mu_anchor[j] = torch.cat([sde.policy_step(velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j],
-                                                                      cfg.sde, cfg.eta)[0] for mb in micro])
+                mu_anchor = trust_region.anchor_means(anchor, lambda mb: velocity_fn(embeds[mb]), traj, steps, cfg.sde,
+                                                      cfg.eta, micro, cfg.beta_pos)  # (N, K_train, ...) or None
             # lambda_KL follows the update count, so it is the same whatever --max_steps is and after a resume.
             lam = trust_region.kl_coefficient(anchor.num_updates, cfg.kl_start, cfg.kl_end, cfg.kl_ramp_steps)
+            lr = scheduler.get_last_lr()[0]  # the rate of this step's first update
             with timer("train"):
                 stats, grad_norms, skipped, skipped_in_a_row = update_policy(
-                    cfg, accelerator, model, optimizer, params, anchor, velocity_fn, embeds, traj, steps, micro, A, S,
-                    mu_anchor, lam, has_signal=bool((all_A != 0).any()), skipped_in_a_row=skipped_in_a_row,
-                    step=step, timer=timer)
+                    cfg, accelerator, model, optimizer, scheduler, params, anchor, velocity_fn, embeds, traj, steps,
+                    micro, A, S, mu_anchor, lam, bool((all_A != 0).any()), skipped_in_a_row, step, timer)
 
             # 5. log, validate, checkpoint
             with timer("log"):
                 health = {"nonfinite_scores": int((~torch.isfinite(all_scores)).sum()), "skipped_updates": skipped,
                           "dropped_groups": int((~torch.isfinite(all_mixed)).view(-1, cfg.group_size).any(1).sum())}
-                row = logs.training_row(accelerator, step + 1, cfg.learning_rate, lam, anchor, all_scores, all_mixed,
-                                        all_A, stats, grad_norms, cstats, diagnostics, timer.wall, health)
+                row = logs.training_row(accelerator, step + 1, lr, lam, anchor, all_scores, all_mixed, all_A, stats,
+                                        grad_norms, cstats, diagnostics, timer.wall, health)
                 if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
                     val = validate(f"step{step + 1:06d}")
                     row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
-                all_prompts = gather_object(prompts)  # [dist]
-                if accelerator.is_main_process:  # [dist]
-                    logs.append_jsonl(paths["samples"], {"step": step + 1, "prompt": all_prompts, "scores": all_scores.tolist(),
-                                                         "reward": all_mixed.tolist(), "advantage": all_A.tolist()})
-                    logs.append_jsonl(paths["metrics"], row)
-                    history.append(row)
-                    if "val/total" in row or (step + 1) % 10 == 0 or step + 1 == cfg.max_steps:
-                        logs.plot_metrics(history, os.path.join(cfg.output_dir, "metrics.png"))
+                logs.write_step(accelerator, paths, history, row, {  # per-sample record, all processes
+                    "step": step + 1, "prompt": gather_object(prompts), "scores": all_scores.tolist(),  # [dist]
+                    "reward": all_mixed.tolist(), "advantage": all_A.tolist()}, cfg.max_steps)
                 bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
             with timer("checkpoint"):
                 if (cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0) or step + 1 == cfg.max_steps:
@@ -475,22 +452,24 @@ def main(cfg: Config) -> list[dict]:
                                     identity, cfg.full, cfg.checkpoints_total_limit)
             if cfg.profile:
                 profiling.print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
+    checkpoint.export_final(accelerator, model, cfg.output_dir, cfg.full)  # [dist] diffusers' format, at the root
     accelerator.end_training()  # [dist]
     return history
 
 
 # ----------------------------------------------------------------------------------------------------
-# The update phase and the small helpers of the loop
+# The update phase, and what the setup builds
 
 
-def update_policy(cfg, accelerator, model, optimizer, params, anchor, velocity_fn, embeds, traj, steps, micro, A, S,
-                  mu_anchor, lam, has_signal, skipped_in_a_row, step, timer):
+def update_policy(cfg, accelerator, model, optimizer, scheduler, params, anchor, velocity_fn, embeds, traj, steps,
+                  micro, A, S, mu_anchor, lam, has_signal, skipped_in_a_row, step, timer):
     """Phase 4: `--updates_per_rollout` optimizer steps over the trained (sample, step) pairs of one rollout.
 
     An update is skipped (no optimizer step: Adam's momentum and weight decay would move the weights with no
     signal) when its gradient norm is not finite (Deviations 4) or when nothing in it carries signal: every
-    advantage of the batch is 0 and no KL term is active (Deviations 12). Returns the per-micro-batch
-    diagnostics, the gradient norms, the number of skipped updates and the running count of non-finite ones."""
+    advantage of the batch is 0 and no KL term is active (Deviations 12). The learning-rate schedule and the
+    anchor count update slots, skipped ones too. Returns the per-micro-batch diagnostics, the gradient
+    norms, the number of skipped updates and the running count of non-finite ones."""
     stats, grad_norms, skipped = [], [], 0
     model.train()
     for u, cols in enumerate(torch.arange(steps.shape[1]).chunk(cfg.updates_per_rollout)):  # Deviations 3
@@ -502,7 +481,7 @@ def update_policy(cfg, accelerator, model, optimizer, params, anchor, velocity_f
                 # difference between the two paths would break ratio = 1 (SPEC §8).
                 loss, st = grpo.trained_step_loss(
                     velocity_fn(embeds[mb]), traj.rows(mb), steps[mb, j], A[mb], cfg.sde, cfg.eta, S,
-                    mu_anchor[j][mb] if j in mu_anchor else None, lam, cfg.beta_pos, cfg.beta_vel, cfg.clip_range)
+                    None if mu_anchor is None else mu_anchor[mb, j], lam, cfg.beta_pos, cfg.beta_vel, cfg.clip_range)
                 with timer.backward():
                     accelerator.backward(loss)  # [dist] the mean over the trained (i, t) pairs
             stats.append(st)
@@ -512,7 +491,7 @@ def update_policy(cfg, accelerator, model, optimizer, params, anchor, velocity_f
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
         # The KL terms act when the anchor differs from the rollout policy (position) or when an earlier update of
         # this rollout moved the policy (step-wise); both are scaled by lambda_KL.
-        kl_active = lam > 0 and ((cfg.beta_pos > 0 and bool(mu_anchor)) or (cfg.beta_vel > 0 and u > 0))
+        kl_active = lam > 0 and ((cfg.beta_pos > 0 and mu_anchor is not None) or (cfg.beta_vel > 0 and u > 0))
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # [dist] it has stepped already
         if deepspeed or (torch.isfinite(grad_norm) and (has_signal or kl_active)):
             optimizer.step()
@@ -527,10 +506,79 @@ def update_policy(cfg, accelerator, model, optimizer, params, anchor, velocity_f
             warnings.warn(f"update {u + 1} of step {step + 1}: no sample carries signal (every advantage is 0 and "
                           f"no KL term acts); update skipped")
             skipped += 1
-        anchor.step()  # counts update slots, skipped ones too, so refreshes fall between rollouts
+        scheduler.step()
+        anchor.step()  # so refreshes fall between rollouts
         optimizer.zero_grad(set_to_none=True)
         grad_norms.append(float(grad_norm))
     return stats, grad_norms, skipped, skipped_in_a_row
+
+
+def prepare_training(cfg: Config, accelerator, family, model, k_train: int):
+    """What is trained (LoRA or all weights), how (checkpointing, AdamW, the LR schedule) and `prepare`."""
+    if cfg.full and next(model.parameters()).dtype != torch.float32:  # Deviations 14: fp32 master weights
+        model.float()
+    params = family.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
+    family.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
+    params = [p for p in params if p.requires_grad]
+    if cfg.gradient_checkpointing:
+        family.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=cfg.max_steps * cfg.updates_per_rollout)  # in optimizer updates
+    # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
+    accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)  # [dist]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist] no DataLoader tells DeepSpeed these
+        accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
+            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # [dist]
+    if not cfg.full:  # [dist] accelerate saves optimizer, schedule and RNG; the adapter is saved by checkpoint.save
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+    return model, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP's tensors
+
+
+def score(scorer, videos, prompts, cfg: Config, device):
+    """(n, 3) components in [0, 1] and the scorer's per-sample diagnostics {name: (n,)}, on `device`."""
+    scores, diagnostics = rewards.score_batched(scorer, videos, prompts, cfg.fps, cfg.reward_batch_size)
+    return scores.to(device), {k: v.to(device) for k, v in diagnostics.items()}
+
+
+def validation(tag, cfg, accelerator, family, backbone, model, text, negative, prompts, latent, sigmas, scorer) -> dict:
+    """ODE videos of the validation prompts (the same noise at every validation: prompt i's comes from
+    (seed, VALIDATION, i), as in sample.py), split over the processes; saved, logged to the trackers, scored.
+    Returns the mean scores over all of them: `total` (equal weights, comparable across curriculum stages)
+    and each component."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    mine = list(range(rank, len(prompts), world))  # [dist] this process's share of the prompts
+    s = []
+    if mine:
+        gens = [backbones.rollout_generators(cfg.seed, backbones.VALIDATION, i, 1, device)[0] for i in mine]
+        with torch.no_grad():
+            traj = backbones.sample(family, model, text([prompts[i] for i in mine]), negative,
+                                    backbones.initial_noise(gens, latent, device), gens, sigmas, "ode", 0.0,
+                                    cfg.guidance, cfg.micro_batch_size)
+            videos = family.decode(backbone, traj.latents[:, -1])  # (n, F, 3, H, W)
+        s = score(scorer, videos, [prompts[i] for i in mine], cfg, device)[0].tolist()
+        logs.save_validation(accelerator, videos, [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine],
+                             cfg.fps)
+    s = torch.tensor(gather_object(s))  # [dist] (n_val, 3): everyone's scores, in rank order
+    return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
+
+
+def build_curriculum(cfg: Config):
+    if cfg.curriculum == "static":
+        return curriculum.build_curriculum("static", weights=parse_floats(cfg.static_weights, 3, "--static_weights"))
+    return curriculum.build_curriculum(cfg.curriculum, tau=tuple(parse_floats(cfg.curriculum_tau, 2, "--curriculum_tau")),
+                                       k=cfg.curriculum_k, beta=cfg.curriculum_beta)
+
+
+def validation_prompt_list(cfg: Config) -> list[str]:
+    """--validation_prompts' file (or the built-in list when neither option is given) + each --validation_prompt."""
+    flags = cfg.validation_prompt or []
+    if cfg.validation_prompts is None:
+        return flags or VALIDATION_PROMPTS
+    return read_prompts(cfg.validation_prompts, [], "--validation_prompts") + flags
 
 
 def check_launch(cfg: Config, accelerator) -> None:
@@ -540,14 +588,6 @@ def check_launch(cfg: Config, accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
         raise ConfigError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
                           "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
-
-
-def configure_deepspeed(cfg: Config, accelerator) -> None:
-    """No DataLoader tells DeepSpeed these (configs/deepspeed_zero2.yaml leaves them out)."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist]
-        accelerator.state.deepspeed_plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
-            "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
 
 
 def local_prompts(train_prompts: list[str], cfg: Config, step: int, rank: int, world: int) -> list[str]:
@@ -579,6 +619,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    if config.validation_prompt:  # repeated --validation_prompt, each taking one or more prompts
+        config.validation_prompt = [p for group in config.validation_prompt for p in group]
     return config
 
 

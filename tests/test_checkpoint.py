@@ -17,9 +17,10 @@ import pytest
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
+import backbones
 import checkpoint
+import export
 import curriculum
 import logs
 import train
@@ -65,20 +66,22 @@ class Setup:
                                self.identity, full=True, keep=keep)
 
     def load(self, path: str) -> int:
-        state = checkpoint.load(path, self.accelerator, self.model, self.anchor, self.cur, self.identity, full=True)
+        state = checkpoint.load(path, self.accelerator, self.model, self.anchor, self.cur, self.identity, full=True,
+                                output_dir=self.out)
         weights = {float(p.detach().flatten()[0]) for p in self.model.parameters()}
         assert weights == {float(state["step"])}, (weights, state["step"])  # the weights of that step, whole
         assert self.anchor.num_updates == state["updates"]
         return state["step"]
 
 
-def half_then_crash(real, n, safetensors_format=False):
-    """A writer whose n-th call writes half of its bytes and then 'dies'."""
+def half_then_crash(real, n, safetensors_format=False, where=lambda path: True):
+    """A writer whose n-th call (counting the calls whose target path satisfies `where`) writes half of its
+    bytes and then 'dies'."""
     calls = {"k": 0}
 
     def writer(obj, f, *args, **kwargs):
-        calls["k"] += 1
-        if calls["k"] != n:
+        calls["k"] += where(str(f))
+        if calls["k"] != n or not where(str(f)):
             return real(obj, f, *args, **kwargs)
         buffer = io.BytesIO()
         buffer.write(safetensors.torch.save(obj)) if safetensors_format else real(obj, buffer, *args, **kwargs)
@@ -271,20 +274,35 @@ def same_run(out, reference_out, history=None):
         for key, value in want.items():
             if not key.startswith("time/"):
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    a = load_file(os.path.join(out, "checkpoints", "checkpoint-3", "lora.safetensors"))
-    b = load_file(os.path.join(reference_out, "checkpoints", "checkpoint-3", "lora.safetensors"))
+    a = export.read_adapter(os.path.join(out, "checkpoints", "checkpoint-3"))
+    b = export.read_adapter(os.path.join(reference_out, "checkpoints", "checkpoint-3"))
     assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in b)
 
 
-def test_a_crash_during_a_save_and_a_torn_metrics_line_resume_to_the_same_end(reference, tmp_path, monkeypatch):
+def test_a_crash_during_a_save_and_a_full_disk_during_an_append_resume_to_the_same_end(reference, tmp_path,
+                                                                                    monkeypatch):
     ref_out, _ = reference
-    monkeypatch.setattr(torch, "save", half_then_crash(torch.save, 2 * 3 + 2))  # checkpoint-3's random states
+    monkeypatch.setattr(torch, "save", half_then_crash(torch.save, 1, where=lambda path: "checkpoint-3" in path and
+                                                       "random_states" in path))
     with pytest.raises(Crash):
         run(tmp_path, *RUN)
     monkeypatch.undo()
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 4, "reward/mi')  # and a torn append on top
     assert (tmp_path / "checkpoints" / "checkpoint-3.incomplete").is_dir()
+    real_append = logs.append_jsonl
+
+    def full_disk(path, row):  # the metrics row of step 3 is torn by ENOSPC
+        if path.endswith("metrics.jsonl") and row["step"] == 3:
+            with open(path, "a") as f:
+                f.write(json.dumps(row)[:40])
+            raise OSError(28, "No space left on device")
+        real_append(path, row)
+
+    monkeypatch.setattr(logs, "append_jsonl", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path, *RUN, "--resume_from_checkpoint", "latest")
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert [r["step"] for r in logs.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]
     run(tmp_path, *RUN, "--resume_from_checkpoint", "latest")
     same_run(tmp_path, ref_out)
 
@@ -316,6 +334,22 @@ def test_three_kill_9_during_saves_each_resume_with_latest_to_the_end(reference,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resume: " in done.stdout
     same_run(tmp_path, ref_out)
+
+
+def test_an_update_without_signal_is_skipped_and_counted(tmp_path):
+    """No colour word, semantic proxy only: every sample scores 0.5, every advantage is 0 and, with the KL terms
+    off, nothing in the update carries signal. AdamW would still move the adapter (weight decay on A); the
+    update is skipped instead, counted, and the adapter stays exactly as initialised."""
+    prompts = tmp_path / "plain.txt"
+    prompts.write_text("a ball bouncing\n")
+    rows = run(tmp_path / "out", "--max_steps", 2, "--checkpointing_steps", 1, "--validation_steps", 0, "--prompts",
+               prompts, "--curriculum", "static", "--static_weights", "0,0,1", "--beta_pos", 0, "--beta_vel", 0)
+    assert [r["health/skipped_updates"] for r in rows] == [1, 1]
+    assert [r["adv/abs_mean"] for r in rows] == [0.0, 0.0]
+    first = export.read_adapter(tmp_path / "out" / "checkpoints" / "checkpoint-1")
+    last = export.read_adapter(tmp_path / "out" / "checkpoints" / "checkpoint-2")
+    assert all(torch.equal(first[k], last[k]) for k in first)
+    assert all(not v.any() for k, v in last.items() if "lora_B" in k)
 
 
 def test_output_folder_rules(reference, tmp_path):
@@ -373,8 +407,8 @@ def test_each_bad_option_fails_in_milliseconds_before_any_model(tmp_path, monkey
         os.chmod(tmp_path / "readonly", 0o700)
         os.rmdir(tmp_path / "readonly")
         (tmp_path / "readonly").write_text("a file where a folder should be")
-    for name in ("load_backbone",):  # building any model now is the failure this test guards against
-        monkeypatch.setattr(train.hunyuan, name, lambda *a, **k: pytest.fail("a model was built"))
+    for name in ("tiny", "tiny-wan"):  # building any model now is the failure this test guards against
+        monkeypatch.setattr(backbones.module(name), "load_backbone", lambda *a, **k: pytest.fail("a model was built"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     argv = ["--backbone", "tiny", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), *args]
     start = time.perf_counter()

@@ -15,10 +15,10 @@ import time
 import imageio.v3 as iio
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import backbones
 import checkpoint
+import export
 import grpo
 import hunyuan
 import rewards
@@ -40,7 +40,7 @@ def read_jsonl(path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_steps")
-    history = run(out, "--max_steps", 2, "--checkpointing_steps", 1, "--validation_steps", 2)
+    history = run(out, "--max_steps", 2, "--checkpointing_steps", 1, "--validation_steps", 2, "--lr_scheduler", "linear")
     return out, history
 
 
@@ -62,7 +62,7 @@ def test_two_steps_leave_checkpoints_metrics_and_videos(two_steps):
         ckpt = out / "checkpoints" / f"checkpoint-{step}"
         assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
         assert (ckpt / "anchor.pt").is_file() and (ckpt / "optimizer.bin").is_file()
-        lora = load_file(ckpt / "lora.safetensors")
+        lora = export.read_adapter(ckpt)
         assert lora and all("lora_" in k for k in lora)
         # LoRA B starts at zero; after an update the saved adapter holds the trained values
         assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0
@@ -74,16 +74,17 @@ def test_resume_reproduces_the_uninterrupted_run(two_steps, tmp_path):
     out, history = two_steps
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    rows = run(resumed, "--max_steps", 2, "--checkpointing_steps", 1, "--validation_steps", 2,
+    rows = run(resumed, "--max_steps", 2, "--checkpointing_steps", 1, "--validation_steps", 2, "--lr_scheduler", "linear",
                "--resume_from_checkpoint", resumed / "checkpoints" / "checkpoint-1")
+    assert [r["lr"] for r in rows] == [3e-4, 1.5e-4]  # the schedule resumed where it was
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1].keys() == history[1].keys()
     for key, value in history[1].items():  # step k + 1 = 2 is the same as without the interruption
         if key.startswith("time/"):  # wall-clock seconds, the one thing allowed to differ
             continue
         assert rows[1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    a = load_file(out / "checkpoints" / "checkpoint-2" / "lora.safetensors")
-    b = load_file(resumed / "checkpoints" / "checkpoint-2" / "lora.safetensors")
+    a = export.read_adapter(out / "checkpoints" / "checkpoint-2")
+    b = export.read_adapter(resumed / "checkpoints" / "checkpoint-2")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -127,8 +128,8 @@ def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     # DDP syncs the two processes' gradients: after two updates the adapter equals the one-process run's.
     # Measured max difference 7.5e-7 (Adam magnifies float noise in near-zero gradients); without the sync,
     # each process would follow its own half-batch gradient and differ by up to 2 x lr = 6e-4.
-    a = load_file(tmp_path / "two" / "checkpoints" / "checkpoint-2" / "lora.safetensors")
-    b = load_file(tmp_path / "one" / "checkpoints" / "checkpoint-2" / "lora.safetensors")
+    a = export.read_adapter(tmp_path / "two" / "checkpoints" / "checkpoint-2")
+    b = export.read_adapter(tmp_path / "one" / "checkpoints" / "checkpoint-2")
     assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=0) for k in a)
 
 
@@ -296,3 +297,28 @@ def worker_pids(parent: int) -> list[int]:
 def read_environ(pid: int) -> bytes:
     with open(f"/proc/{pid}/environ", "rb") as f:
         return f.read()
+
+
+def test_tensorboard_receives_every_scalar_and_the_validation_frames(tmp_path):
+    """--report_to tensorboard: the event files hold every finite number of each metrics row at its step (the
+    jsonl stays the source of truth) and a frame strip of each validation video."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = run(tmp_path, "--max_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 2,
+               "--report_to", "tensorboard", "--lr_scheduler", "linear", "--lr_warmup_steps", 1)
+    events = EventAccumulator(str(tmp_path / train.TRACKER_RUN), size_guidance={"scalars": 0, "images": 0}).Reload()
+    for row in rows:
+        for key, value in row.items():
+            if key == "step" or not math.isfinite(value):
+                continue
+            logged = {e.step: e.value for e in events.Scalars(key)}
+            assert logged[row["step"]] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert [r["lr"] for r in rows] == [0.0, pytest.approx(3e-4)]  # the schedule's actual rate: warm-up, then linear
+    images = events.Tags()["images"]
+    assert {f"val/base_{i}" for i in range(2)} | {f"val/step000002_{i}" for i in range(2)} <= set(images)
+    # and the run's final adapter at the root, with the LoraConfig diffusers needs to load it at full strength
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / export.LORA_FILE), "pt") as f:
+        config = json.loads(f.metadata()[export.METADATA_KEY])
+    assert (config["transformer.r"], config["transformer.lora_alpha"]) == (32, 64)
