@@ -29,6 +29,8 @@ Deviations / choices
 2. A weights folder of the other family is recognised by its model_index.json `_class_name`; a folder
    without that file (the parts saved one by one) is accepted and judged by its subfolders only.
 3. The negative prompt's embeddings are repeated once per micro-batch (in `velocity_fn`), not per step.
+4. With a shared prefix, the prefix's forwards run on N / G rows, micro-batched like the rest; the prefix
+   is a plain ODE, so its rows carry no log-prob and nothing in them is trained.
 
 Test: `python -m pytest tests/test_backbones.py tests/test_wan.py tests/test_hunyuan.py -q`.
 """
@@ -321,11 +323,24 @@ def velocity_fn(family, model, embeds, negative, guidance: float) -> Callable:
 
 
 def sample(family, model, embeds, negative, x_T, generators, sigmas, kind: str, eta: float, guidance: float,
-           micro_batch: int) -> sde.Trajectory:
+           micro_batch: int, window: torch.Tensor | None = None, shared_prefix: int = 0) -> sde.Trajectory:
     """The micro-batched rollout (training rollouts and validation alike): `sde.rollout` of each run of
     `micro_batch` rows, joined. Row i's noise comes from generators[i] only, so the result does not depend
-    on the micro-batch size."""
+    on the micro-batch size. `window` (K,) bool makes only its steps stochastic (sde.py Deviations 5).
+
+    shared_prefix = G > 0 (with a window that starts at step s > 0): the G rows of each group share x_T, so
+    they share the deterministic ODE prefix up to the window too; it is computed once per group, on rows
+    0, G, 2G, ..., and repeated (Deviations 4). The caller gives the group's rows the same x_T."""
+    start = int(torch.nonzero(window.cpu())[0]) if window is not None and shared_prefix else 0
+    if start > 0:
+        G = shared_prefix
+        prefix = sample(family, model, embeds[::G], negative, x_T[::G], generators[::G], sigmas[: start + 1], "ode",
+                        0.0, guidance, micro_batch)
+        prefix = prefix.rows(torch.arange(len(embeds) // G, device=x_T.device).repeat_interleave(G))  # (N, s+1, ...)
+        rest = sample(family, model, embeds, negative, prefix.latents[:, -1], generators, sigmas[start:], kind, eta,
+                      guidance, micro_batch, window[start:])
+        return prefix.then(rest)
     return sde.Trajectory.cat([
         sde.rollout(velocity_fn(family, model, embeds[i:i + micro_batch], negative, guidance),
-                    x_T[i:i + micro_batch], sigmas, kind, eta, generators[i:i + micro_batch])
+                    x_T[i:i + micro_batch], sigmas, kind, eta, generators[i:i + micro_batch], window)
         for i in range(0, len(embeds), micro_batch)])

@@ -72,7 +72,8 @@ RUN_FIELDS = ("backbone", "pretrained", "full", "lora_rank", "lora_alpha", "num_
               "timestep_fraction", "clip_range", "adv_clip", "anchor_every", "beta_pos", "beta_vel", "kl_start",
               "kl_end", "kl_ramp_steps", "updates_per_rollout", "reward", "reward_model", "curriculum",
               "curriculum_tau", "curriculum_k", "curriculum_beta", "static_weights", "learning_rate", "weight_decay",
-              "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "seed")
+              "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "seed", "optimizer",
+              "sde_window", "sde_window_start", "shared_prefix")
 
 
 class CheckpointError(ValueError):

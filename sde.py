@@ -70,6 +70,14 @@ Deviations / choices
    did, put a 1.8e-4 relative error into cps's S_t at eta = 1 through sqrt(sigma_{t+1}^2 - V).
 4. `generator` may be one torch.Generator or a list of N (one per sample), so that a sample's noise
    depends on its own seed only, not on how samples are batched or split across processes.
+5. The SDE window (`window`, FlowGRPO's `sde_window`, MixGRPO's sliding window): only the steps in the
+   window are stochastic; every other step is a plain Euler step of the ODE (kind "ode"; for cps this also
+   replaces its deterministic last step). What changes in the policy: the rollout policy is the product of
+   the window's Gaussians, each conditioned on its stored x_t; the ODE steps are deterministic maps with no
+   density, so they carry no log-prob, no ratio and no gradient. x_t at the window's start is a function
+   of x_T and the rollout weights only, exactly as a stored x_t is for every trained step without a window:
+   the per-step ratio pi_theta(x_{t+1} | x_t) / pi_old(x_{t+1} | x_t) is the same quantity, and it is
+   exactly 1 at unchanged weights. The equalizer's median is taken over the window's steps.
 
 Run: `python -m pytest tests/test_sde.py -q`.
 """
@@ -226,8 +234,20 @@ def log_prob(x_next, mu, std) -> torch.Tensor:
     return logp.flatten(1).mean(dim=1)  # (N,)
 
 
-def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tensor:
-    """(K,) [SAGE] gradient norm equalizer S_t = median(N) / N_t with N_t = |d mu / d v| / std_t."""
+def window_mask(stochastic: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """(K,) bool: the SDE window (Deviations 5), the `width` stochastic steps from the `start`-th one on."""
+    steps = torch.nonzero(stochastic.cpu(), as_tuple=True)[0]  # (K_s,)
+    if not (1 <= width and 0 <= start <= len(steps) - width):
+        raise ValueError(f"an SDE window of {width} steps from stochastic step {start} does not fit the {len(steps)} "
+                         f"stochastic steps (start must be in 0..{len(steps) - width})")
+    mask = torch.zeros(len(stochastic), dtype=torch.bool)
+    mask[steps[start : start + width]] = True
+    return mask
+
+
+def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float, window: torch.Tensor | None = None) -> torch.Tensor:
+    """(K,) [SAGE] gradient norm equalizer S_t = median(N) / N_t with N_t = |d mu / d v| / std_t, over the
+    stochastic steps, or over the window's steps when a window (K,) bool is given (Deviations 5)."""
     _check_kind(kind)
     # The policy gradient of step t w.r.t. v is (x_next - mu) / V * d mu / d v; the residual x_next - mu
     # is O(std), so its size is N_t = |d mu / d v| / std_t. Low-noise steps have tiny std and dominate;
@@ -241,6 +261,8 @@ def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float) -> torch.Tens
     else:
         dmu_dv = -((s - sn) + V * (1 - s) / (2 * s))  # [SAGE] Eq. 8
     stochastic = V > 0
+    if window is not None:
+        stochastic = stochastic & window.to(stochastic.device)
     S = torch.zeros_like(s)  # deterministic steps are not trained: weight 0
     if stochastic.any():
         N = dmu_dv.abs()[stochastic] / V[stochastic].sqrt()
@@ -293,6 +315,12 @@ class Trajectory:
         return Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.mu for p in parts]), parts[0].std,
                           torch.cat([p.logp for p in parts]), parts[0].sigmas)
 
+    def then(self, rest: "Trajectory") -> "Trajectory":
+        """This trajectory (steps 0..s-1) followed by `rest`, which starts from this one's last state."""
+        return Trajectory(torch.cat([self.latents[:, :-1], rest.latents], 1), torch.cat([self.mu, rest.mu], 1),
+                          torch.cat([self.std, rest.std]), torch.cat([self.logp, rest.logp], 1),
+                          torch.cat([self.sigmas[:-1], rest.sigmas]))
+
     def at(self, t: torch.Tensor) -> StoredStep:
         """Sample i's stored step t[i], for t (N,) one step index per sample."""
         rows = torch.arange(len(t), device=t.device)
@@ -314,8 +342,10 @@ def policy_step(velocity_fn: Callable, traj: Trajectory, t: torch.Tensor, kind: 
 
 
 @torch.no_grad()
-def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator=None) -> Trajectory:
-    """Sample K stochastic steps from x_T, storing latents, means, stds and log-probs.
+def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator=None,
+            window: torch.Tensor | None = None) -> Trajectory:
+    """Sample K stochastic steps from x_T, storing latents, means, stds and log-probs. With a window (K,)
+    bool, only its steps are stochastic and the others are ODE steps (Deviations 5).
 
     velocity_fn(x, sigma) -> v is all it knows of a model; sigma is passed as a per-sample tensor (N,)
     so that training, which mixes timesteps within a batch, recomputes exactly the same numbers.
@@ -326,13 +356,15 @@ def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator
     # below never reads a device value back.
     sigmas = sigmas.cpu()
     stochastic = step_variances(sigmas, kind, eta) > 0  # (K,) decided once, on the host: no syncs below
+    kinds = [kind if window is None or window[t] else "ode" for t in range(K)]  # Deviations 5
+    stochastic = stochastic & (torch.ones(K, dtype=torch.bool) if window is None else window.cpu())
     sigmas_dev = sigmas.to(x.device)
     # Everything training needs is stored here: x_t and x_{t+1} (the sampled action), mu_old for the
     # step-wise KL and logp_old for the ratio. Training recomputes only mu_theta.
     latents, mus, stds, logps = [x], [], [], []
     for t in range(K):
         sigma, sigma_next = sigmas_dev[t].expand(N), sigmas_dev[t + 1].expand(N)  # (N,), (N,)
-        x_next, mu, std = sde_step(x, velocity_fn(x, sigma), sigma, sigma_next, kind, eta, generator)
+        x_next, mu, std = sde_step(x, velocity_fn(x, sigma), sigma, sigma_next, kinds[t], eta, generator)
         logps.append(log_prob(x_next, mu, std) if stochastic[t] else torch.zeros(N, device=x.device))
         latents.append(x_next), mus.append(mu), stds.append(std[0])
         x = x_next

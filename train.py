@@ -64,6 +64,12 @@ Deviations / choices
 14. Full fine-tuning keeps the transformer's weights in float32 under bf16 mixed precision (autocast computes
     in bf16): an AdamW update below 1/256 of a bf16 weight would round away (lr 5e-6 / 1e-5). FSDP2 and
     DeepSpeed keep fp32 master weights themselves. LoRA weights are float32 always (backbones.add_lora).
+15. `--optimizer muon` follows the [SAGE] code: torch.optim.Muon (Newton-Schulz orthogonalised momentum) for
+    every 2-D trainable matrix (all LoRA matrices; in full fine-tuning the linear weights) and AdamW for the
+    rest (biases, norms, embeddings' vectors), each with its own LR schedule, saved and restored by
+    accelerate. Muon's update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so
+    `--learning_rate` keeps its meaning. It runs with DDP and on one process; it is refused under FSDP
+    (Muon would orthogonalise each process's shard, not the matrix) and DeepSpeed (one engine optimizer).
 """
 from __future__ import annotations
 
@@ -133,6 +139,15 @@ class Config:
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "videos per forward (default 1; tiny: batch)"})
     equalizer: bool = field(default=True, metadata={"help": "[SAGE] gradient norm equalizer"})
     timestep_fraction: float = field(default=1.0, metadata={"help": "fraction of steps trained; [SAGE] 1.0, [Dance] 0.6"})
+    sde_window: int = field(default=0, metadata={
+        "help": "W > 0: only W consecutive steps of each rollout are stochastic and trained, the rest are ODE steps "
+                "([FlowGRPO] sde_window, MixGRPO); 0 = all K ([SAGE])"})
+    sde_window_start: str = field(default="random", metadata={
+        "help": "where the window sits: 'random' (per iteration, the same for the whole batch), 'sliding' (from high "
+                "to low noise over --max_steps, MixGRPO) or a fixed index among the stochastic steps"})
+    shared_prefix: bool = field(default=False, metadata={
+        "help": "with --sde_window: the G videos of a prompt share x_T, so the ODE prefix before the window runs once "
+                "per group ([SAGE] draws x_T per video: off)"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip on the mean-reduced ratio ([FlowGRPO] 1e-4)"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clip ([FlowGRPO] 5)"})
     anchor_every: int = field(default=10, metadata={"help": "moving-anchor period in optimizer updates; 0 = fixed reference"})
@@ -160,7 +175,10 @@ class Config:
     # optimisation
     learning_rate: Optional[float] = field(default=None, metadata={
         "help": "default 3e-4 LoRA ([FlowGRPO]); full: the preset's ([SAGE] 1e-5, [SPG] Wan2.1-1.3B 5e-6)"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay ([FlowGRPO])"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw, or muon: torch.optim.Muon for the 2-D weight matrices and AdamW for the rest (the [SAGE] "
+                "code's default); Deviations 15"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay ([FlowGRPO] 1e-4; the [SAGE] code's Muon 0.01)"})
     lr_scheduler: str = field(default="constant", metadata={
         "help": "diffusers.optimization schedule over the optimizer updates: constant (the papers'), constant_with_warmup, "
                 "linear, cosine, cosine_with_restarts, polynomial, piecewise_constant"})
@@ -281,7 +299,19 @@ def resolve(cfg: Config) -> Config:
         stochastic = sde.step_variances(sde.sigma_schedule(cfg.num_steps, cfg.shift or 1.0), cfg.sde, cfg.eta) > 0
     except ValueError as err:
         raise ConfigError(f"--sde {cfg.sde} --eta {cfg.eta} --num_steps {cfg.num_steps}: {err}") from None
-    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # cps's last step is deterministic
+    k_stochastic = int(stochastic.sum())  # cps's last step is deterministic
+    if not 0 <= cfg.sde_window <= k_stochastic:
+        raise ConfigError(f"--sde_window {cfg.sde_window}: must be in 0..{k_stochastic} (the stochastic steps of "
+                          f"--sde {cfg.sde} --num_steps {cfg.num_steps}; 0 = all)")
+    if cfg.sde_window_start not in ("random", "sliding") and not (
+            cfg.sde_window_start.isdigit() and int(cfg.sde_window_start) <= k_stochastic - cfg.sde_window):
+        raise ConfigError(f"--sde_window_start {cfg.sde_window_start!r}: 'random', 'sliding' or an index in "
+                          f"0..{k_stochastic - cfg.sde_window}")
+    if cfg.shared_prefix and not cfg.sde_window:
+        raise ConfigError("--shared_prefix needs --sde_window W > 0 (without a window there is no ODE prefix to share)")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"--optimizer {cfg.optimizer!r}: choose adamw or muon")
+    k_train = math.ceil(cfg.timestep_fraction * (cfg.sde_window or k_stochastic))
     if k_train < 1:
         raise ConfigError(f"--num_steps {cfg.num_steps}: {cfg.sde} has no stochastic step to train; use more steps")
     if k_train % cfg.updates_per_rollout:
@@ -344,15 +374,14 @@ def main(cfg: Config) -> list[dict]:
     # Derived quantities, in one place: the schedule, which steps are stochastic, the equalizer, K_train.
     sigmas = sde.sigma_schedule(cfg.num_steps, cfg.shift if cfg.shift is not None else backbone.shift)  # (K+1,)
     stochastic = sde.step_variances(sigmas, cfg.sde, cfg.eta) > 0  # (K,) cps: the last step is deterministic
-    S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta) if cfg.equalizer else stochastic.float()).to(device)  # (K,)
-    k_train = math.ceil(cfg.timestep_fraction * int(stochastic.sum()))  # trained steps per sample
+    k_train = math.ceil(cfg.timestep_fraction * (cfg.sde_window or int(stochastic.sum())))  # trained steps per sample
 
     # Every prompt is encoded once; then the (7B) text encoders leave the GPU and only the cache is read.
     text = family.PromptCache(backbone)
     text(train_prompts + val_prompts)
     negative = text.negative(1)
     text.offload_encoders()
-    model, optimizer, scheduler, params = prepare_training(cfg, accelerator, family, backbone.transformer, k_train)
+    model, optimizers, schedulers, params = prepare_training(cfg, accelerator, family, backbone.transformer, k_train)
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
     cur = build_curriculum(cfg)
     scorer = rewards.build_reward(cfg.reward, path=cfg.reward_model, prompt_template_file=cfg.reward_prompt_template,
@@ -399,8 +428,12 @@ def main(cfg: Config) -> list[dict]:
                 prompts = local_prompts(train_prompts, cfg, step, rank, world)  # (N,) groups consecutive
                 gens = backbones.rollout_generators(cfg.seed, step, rank * N, N, device)
                 embeds = text(prompts)  # cached embeddings of this process's prompts, for rollout and training
-                traj = backbones.sample(family, model, embeds, negative, backbones.initial_noise(gens, latent, device),
-                                        gens, sigmas, cfg.sde, cfg.eta, cfg.guidance, cfg.micro_batch_size)
+                x_T = backbones.initial_noise(gens, latent, device)  # (N, C, F', H', W')
+                if cfg.shared_prefix:  # a group shares its first member's x_T, so it shares the ODE prefix too
+                    x_T = x_T[:: cfg.group_size].repeat_interleave(cfg.group_size, dim=0)
+                window = sde_window(cfg, stochastic, step)  # (K,) bool: this iteration's stochastic steps
+                traj = backbones.sample(family, model, embeds, negative, x_T, gens, sigmas, cfg.sde, cfg.eta,
+                                        cfg.guidance, cfg.micro_batch_size, window, cfg.group_size * cfg.shared_prefix)
 
             # 2. reward: decode, score three components, mix them with the curriculum
             with timer("decode"):
@@ -418,7 +451,8 @@ def main(cfg: Config) -> list[dict]:
             all_mixed, all_A = accelerator.gather(mixed), accelerator.gather(A)  # [dist] global sample order
 
             # 4. update: the anchor's means first (at rollout time, one pass), then the optimizer steps
-            steps = grpo.select_timesteps(N * world, stochastic, cfg.timestep_fraction, torch.Generator().manual_seed(
+            S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta, window) if cfg.equalizer else window.float()).to(device)  # (K,)
+            steps = grpo.select_timesteps(N * world, window, cfg.timestep_fraction, torch.Generator().manual_seed(
                 backbones.derive_seed(cfg.seed, step, "timesteps")))[rank * N : (rank + 1) * N].to(device)  # [dist] (N, K_train)
             micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
             with timer("anchor"):
@@ -426,10 +460,10 @@ def main(cfg: Config) -> list[dict]:
                                                       cfg.eta, micro, cfg.beta_pos)  # (N, K_train, ...) or None
             # lambda_KL follows the update count, so it is the same whatever --max_steps is and after a resume.
             lam = trust_region.kl_coefficient(anchor.num_updates, cfg.kl_start, cfg.kl_end, cfg.kl_ramp_steps)
-            lr = scheduler.get_last_lr()[0]  # the rate of this step's first update
+            lr = schedulers[0].get_last_lr()[0]  # the rate of this step's first update
             with timer("train"):
                 stats, grad_norms, skipped, skipped_in_a_row = update_policy(
-                    cfg, accelerator, model, optimizer, scheduler, params, anchor, velocity_fn, embeds, traj, steps,
+                    cfg, accelerator, model, optimizers, schedulers, params, anchor, velocity_fn, embeds, traj, steps,
                     micro, A, S, mu_anchor, lam, bool((all_A != 0).any()), skipped_in_a_row, step, timer)
 
             # 5. log, validate, checkpoint
@@ -461,7 +495,7 @@ def main(cfg: Config) -> list[dict]:
 # The update phase, and what the setup builds
 
 
-def update_policy(cfg, accelerator, model, optimizer, scheduler, params, anchor, velocity_fn, embeds, traj, steps,
+def update_policy(cfg, accelerator, model, optimizers, schedulers, params, anchor, velocity_fn, embeds, traj, steps,
                   micro, A, S, mu_anchor, lam, has_signal, skipped_in_a_row, step, timer):
     """Phase 4: `--updates_per_rollout` optimizer steps over the trained (sample, step) pairs of one rollout.
 
@@ -494,7 +528,8 @@ def update_policy(cfg, accelerator, model, optimizer, scheduler, params, anchor,
         kl_active = lam > 0 and ((cfg.beta_pos > 0 and mu_anchor is not None) or (cfg.beta_vel > 0 and u > 0))
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # [dist] it has stepped already
         if deepspeed or (torch.isfinite(grad_norm) and (has_signal or kl_active)):
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             skipped_in_a_row = 0
         elif not torch.isfinite(grad_norm):  # Deviations 4
             warnings.warn(f"update {u + 1} of step {step + 1}: non-finite gradient norm; update skipped")
@@ -506,9 +541,10 @@ def update_policy(cfg, accelerator, model, optimizer, scheduler, params, anchor,
             warnings.warn(f"update {u + 1} of step {step + 1}: no sample carries signal (every advantage is 0 and "
                           f"no KL term acts); update skipped")
             skipped += 1
-        scheduler.step()
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         anchor.step()  # so refreshes fall between rollouts
-        optimizer.zero_grad(set_to_none=True)
         grad_norms.append(float(grad_norm))
     return stats, grad_norms, skipped, skipped_in_a_row
 
@@ -522,20 +558,47 @@ def prepare_training(cfg: Config, accelerator, family, model, k_train: int):
     params = [p for p in params if p.requires_grad]
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=cfg.max_steps * cfg.updates_per_rollout)  # in optimizer updates
+    optimizers = make_optimizers(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    schedulers = [get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                num_training_steps=cfg.max_steps * cfg.updates_per_rollout)  # in optimizer updates
+                  for optimizer in optimizers]
     # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
     accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)  # [dist]
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist] no DataLoader tells DeepSpeed these
         accelerator.state.deepspeed_plugin.deepspeed_config.update({
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,
             "gradient_accumulation_steps": accelerator.gradient_accumulation_steps})
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # [dist]
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)  # [dist]
+    optimizers, schedulers = prepared[: len(optimizers)], prepared[len(optimizers) :]
     if not cfg.full:  # [dist] accelerate saves optimizer, schedule and RNG; the adapter is saved by checkpoint.save
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
-    return model, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP's tensors
+    return model, optimizers, schedulers, [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP's tensors
+
+
+def make_optimizers(params: list, name: str, lr: float, weight_decay: float) -> list:
+    """AdamW, or Muon for the 2-D weight matrices and AdamW for the rest (Deviations 15)."""
+    if name == "adamw":
+        return [torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)]
+    matrices, rest = [p for p in params if p.dim() == 2], [p for p in params if p.dim() != 2]
+    # match_rms_adamw scales each update to AdamW's RMS, so one --learning_rate means the same for both parts
+    optimizers = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")]
+    return optimizers + ([torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay)] if rest else [])
+
+
+def sde_window(cfg: Config, stochastic: torch.Tensor, step: int) -> torch.Tensor:
+    """(K,) bool: the steps that are stochastic (and trained) in iteration `step` (sde.py Deviations 5)."""
+    if not cfg.sde_window:
+        return stochastic
+    last = int(stochastic.sum()) - cfg.sde_window  # the largest start
+    if cfg.sde_window_start == "random":  # seeded by (seed, step): the same on every process and after a resume
+        g = torch.Generator().manual_seed(backbones.derive_seed(cfg.seed, step, "window"))
+        start = int(torch.randint(last + 1, (1,), generator=g))
+    elif cfg.sde_window_start == "sliding":  # MixGRPO: from the noisiest steps to the cleanest over the run
+        start = min(last, step * (last + 1) // cfg.max_steps)
+    else:
+        start = int(cfg.sde_window_start)
+    return sde.window_mask(stochastic, start, cfg.sde_window)
 
 
 def score(scorer, videos, prompts, cfg: Config, device):
@@ -585,6 +648,9 @@ def check_launch(cfg: Config, accelerator) -> None:
     """The checks that need the launch configuration (accelerate's, not ours); still before any model."""
     if accelerator.mixed_precision == "fp16":
         raise ConfigError("--mixed_precision fp16 gives NaN log-probs in the reference setups (SPEC §8); use bf16")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and cfg.optimizer == "muon":
+        raise ConfigError("--optimizer muon is not supported under FSDP or DeepSpeed (Deviations 15): use adamw there, "
+                          "or DDP (configs/multi_gpu_lora.yaml)")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
         raise ConfigError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
                           "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
