@@ -330,13 +330,17 @@ def sample(family, model, embeds, negative, x_T, generators, sigmas, kind: str, 
 
     shared_prefix = G > 0 (with a window that starts at step s > 0): the G rows of each group share x_T, so
     they share the deterministic ODE prefix up to the window too; it is computed once per group, on rows
-    0, G, 2G, ..., and repeated (Deviations 4). The caller gives the group's rows the same x_T."""
+    0, G, 2G, ..., and repeated (Deviations 4). The caller gives the group's rows the same x_T. The other rows'
+    generators skip the draws the prefix would have made (sde_step draws noise on every step), so the result
+    equals computing each row's prefix on its own (tested)."""
     start = int(torch.nonzero(window.cpu())[0]) if window is not None and shared_prefix else 0
     if start > 0:
         G = shared_prefix
         prefix = sample(family, model, embeds[::G], negative, x_T[::G], generators[::G], sigmas[: start + 1], "ode",
                         0.0, guidance, micro_batch)
         prefix = prefix.rows(torch.arange(len(embeds) // G, device=x_T.device).repeat_interleave(G))  # (N, s+1, ...)
+        for _ in range(start):  # the other members' noise streams advance as if they had run the prefix themselves
+            [torch.randn(x_T.shape[1:], generator=g, device=g.device) for i, g in enumerate(generators) if i % G]
         rest = sample(family, model, embeds, negative, prefix.latents[:, -1], generators, sigmas[start:], kind, eta,
                       guidance, micro_batch, window[start:])
         return prefix.then(rest)
