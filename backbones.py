@@ -171,6 +171,27 @@ def check_request(name: str, pretrained: str | None, num_frames: int, height: in
     return find_weights(name, pretrained)
 
 
+def default_shift(name: str, folder: str | None) -> float:
+    """The SD3 shift a run uses when --shift is not given, read without a model: the preset's, else the
+    scheduler config of the weights folder, else (the tiny models) their schedulers' 3.0."""
+    shift = _entry(name)[1]["shift"]
+    if shift is not None:
+        return shift
+    if folder is None:
+        return 3.0  # hunyuan.py's tiny and small backbones
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    return float(config.get("shift", config.get("flow_shift", 1.0)))
+
+
+def num_blocks(folder: str | None) -> int | None:
+    """The transformer's number of DiT blocks from its config.json (None for the models built in code)."""
+    if folder is None:
+        return None
+    with open(os.path.join(folder, "transformer", "config.json")) as f:
+        return int(json.load(f)["num_layers"])
+
+
 def find_weights(name: str, pretrained: str | None) -> str:
     """A local folder holding `name`'s Diffusers layout, or a RuntimeError that names the problem and the
     download command (weights are never downloaded implicitly). A hub id is looked up in the local

@@ -49,7 +49,7 @@ import shutil
 import warnings
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 
 import export
 import logs
@@ -103,6 +103,12 @@ def claim_output_dir(output_dir: str, resume: str | None, overwrite: bool, ident
                 f"--output_dir")
         return None
     if resume != "latest":
+        own = os.path.dirname(os.path.abspath(resume)) == os.path.abspath(os.path.join(output_dir, CHECKPOINTS))
+        if held and not own:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {resume} belongs to another folder, and --output_dir {output_dir} already "
+                f"holds a run ({', '.join(held)}): resuming would overwrite it. Choose an empty --output_dir to "
+                f"continue that checkpoint there")
         if not is_complete(resume):
             raise CheckpointError(f"--resume_from_checkpoint {resume}: not a complete checkpoint (no valid {MANIFEST} "
                                   f"or {STATE}); pick one under {os.path.join(output_dir, CHECKPOINTS)} or 'latest'")
@@ -212,8 +218,11 @@ def run_identity(cfg, num_processes: int, mixed_precision: str, train_prompts: l
     if cfg.reward_prompt_template:
         with open(cfg.reward_prompt_template, "rb") as f:
             rubric = _sha(f.read())
-    # A decaying learning-rate schedule is laid out over --max_steps, so there the length defines the run too.
-    length = None if cfg.lr_scheduler in ("constant", "constant_with_warmup") else cfg.max_steps
+    # A decaying learning-rate schedule and a sliding SDE window are laid out over --max_steps: there the
+    # length defines the run too.
+    laid_out = cfg.lr_scheduler not in ("constant", "constant_with_warmup") or (
+        cfg.sde_window and cfg.sde_window_start == "sliding")
+    length = cfg.max_steps if laid_out else None
     return {**{k: getattr(cfg, k) for k in RUN_FIELDS}, "max_steps": length, "num_processes": num_processes,
             "mixed_precision": mixed_precision, "prompts_sha256": _sha("\n".join(train_prompts).encode()),
             "validation_prompts_sha256": _sha("\n".join(val_prompts).encode()), "rubric_sha256": rubric}
@@ -238,13 +247,14 @@ def save(output_dir: str, step: int, accelerator, model, anchor, cur, state: dic
     root = os.path.join(output_dir, CHECKPOINTS)
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = final + ".incomplete"
-    if accelerator.is_main_process:  # [dist] leftovers of interrupted saves and deletions
+
+    def prepare():  # main process: the leftovers of interrupted saves and deletions go, the new folder comes
         for d in os.listdir(root) if os.path.isdir(root) else []:
             if d.endswith((".incomplete", ".deleted")):
                 shutil.rmtree(os.path.join(root, d))
         os.makedirs(tmp)
-    accelerator.wait_for_everyone()  # [dist]
-    try:
+
+    def write():  # every process its part: accelerate's state (RNG per process, FSDP shards), its anchor shard
         accelerator.save_state(tmp)  # [dist] optimizer, LR schedule, RNG states and (full fine-tuning) the weights
         if not full:  # the adapter is the whole model delta, written as diffusers loads it (export.py)
             export.save_weights(accelerator, model, tmp, full)
@@ -252,14 +262,19 @@ def save(output_dir: str, step: int, accelerator, model, anchor, cur, state: dic
             torch.save(anchor.state_dict(), os.path.join(tmp, anchor_file(accelerator)))
         if accelerator.is_main_process:  # [dist]
             logs.write_json(os.path.join(tmp, STATE), {**state, "curriculum": cur.state_dict(), "config": identity})
-        accelerator.wait_for_everyone()  # [dist] every process's files are closed
-        if accelerator.is_main_process:  # [dist]
-            _seal(tmp)
-            _rename(tmp, final)
-            old = [p for p in list_checkpoints(root) if p != final]
-            for path in old[: max(len(old) + 1 - keep, 0)]:
-                _rename(path, path + ".deleted")  # atomic: never a half-deleted checkpoint-<int>
-                shutil.rmtree(path + ".deleted")
+
+    def publish():  # main process: seal, rename into place, rotate
+        _seal(tmp)
+        _rename(tmp, final)
+        old = [p for p in list_checkpoints(root) if p != final]
+        for path in old[: max(len(old) + 1 - keep, 0)]:
+            _rename(path, path + ".deleted")  # atomic: never a half-deleted checkpoint-<int>
+            shutil.rmtree(path + ".deleted")
+
+    try:
+        _everywhere(accelerator, prepare, main_only=True)
+        _everywhere(accelerator, write)
+        _everywhere(accelerator, publish, main_only=True)
     except OSError as err:  # e.g. ENOSPC: the run stops, the previous checkpoints are intact
         if accelerator.is_main_process:  # [dist] give the space back
             shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +282,6 @@ def save(output_dir: str, step: int, accelerator, model, anchor, cur, state: dic
         raise OSError(err.errno, f"saving {final} failed ({err.strerror}); the newest intact checkpoint is "
                                  f"{previous[-1] if previous else 'none'}: fix the cause and rerun with "
                                  f"--resume_from_checkpoint latest") from err
-    accelerator.wait_for_everyone()  # [dist]
     return final
 
 
@@ -276,17 +290,35 @@ def export_final(accelerator, model, output_dir: str, full: bool) -> None:
     pytorch_lora_weights.safetensors, full fine-tuning as transformer/. Written beside and renamed into place,
     so a kill leaves the old export or the new one, never half of one. Collective: call on every process."""
     tmp = os.path.join(output_dir, "export.incomplete")
-    if accelerator.is_main_process:  # [dist]
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()  # [dist]
-    export.save_weights(accelerator, model, tmp, full)  # [dist] gathers the full state dict under FSDP
-    if accelerator.is_main_process:  # [dist]
+
+    def publish():
         for name in os.listdir(tmp):
-            _seal(os.path.join(tmp, name), manifest=False) if os.path.isdir(os.path.join(tmp, name)) else _fsync(
-                os.path.join(tmp, name))
-            _rename(os.path.join(tmp, name), os.path.join(output_dir, name))
+            path = os.path.join(tmp, name)
+            _seal(path, manifest=False) if os.path.isdir(path) else _fsync(path)
+            _rename(path, os.path.join(output_dir, name))
         os.rmdir(tmp)
-    accelerator.wait_for_everyone()  # [dist]
+
+    _everywhere(accelerator, lambda: shutil.rmtree(tmp, ignore_errors=True), main_only=True)
+    _everywhere(accelerator, lambda: export.save_weights(accelerator, model, tmp, full))  # FSDP: a gather inside
+    _everywhere(accelerator, publish, main_only=True)
+
+
+def _everywhere(accelerator, fn, main_only: bool = False) -> None:
+    """Runs fn (on the main process only, or on every one) and then has every process learn whether all of them
+    succeeded: a failure is raised on every process, so none is left waiting at a collective call that the
+    failed one never reaches (it would otherwise wait --dist_timeout and report a hung peer)."""
+    error = None
+    if accelerator.is_main_process or not main_only:
+        try:
+            fn()
+        except Exception as err:  # re-raised below, after the others have been told
+            error = err
+    failures = [f for f in gather_object([None if error is None else f"process {accelerator.process_index}: "
+                                          f"{type(error).__name__}: {error}"]) if f]  # [dist] a barrier too
+    if error is not None:
+        raise error
+    if failures:
+        raise RuntimeError(f"stopping with the other process(es): {'; '.join(failures)}")
 
 
 def _seal(folder: str, manifest: bool = True) -> None:

@@ -1,7 +1,8 @@
 """A run's weights in diffusers' formats, out and back in: the trained policy written so that diffusers' own
 loaders read it, and any run, checkpoint or adapter file resolved and applied to a freshly loaded backbone.
 
-What a run leaves (train.py calls `save_weights` in every checkpoint and at the end, at the output dir's root)
+What a run leaves (`save_weights`: LoRA in every checkpoint and at the end, at the output dir's root; full
+fine-tuning at the end only, since its checkpoints already hold the weights in accelerate's training state)
     LoRA   pytorch_lora_weights.safetensors   keys `transformer.<module>.lora_A.weight` / `lora_B.weight`,
            safetensors metadata `lora_adapter_metadata` = the LoraConfig as JSON, keys prefixed `transformer.`
            (`transformer.r`, `transformer.lora_alpha`, `transformer.target_modules`, ...)
@@ -30,7 +31,8 @@ Deviations / choices
    `load_lora_adapter(state_dict, metadata=...)`. An adapter file with neither metadata nor a run beside it is
    refused: its alpha is unknown and guessing alpha = r would silently change the policy.
 4. A run folder resolves to its root export when there is one, else to its newest complete checkpoint
-   (checkpoint.latest), so a run that is still training can be sampled.
+   (checkpoint.latest), so a LoRA run that is still training can be sampled; a full fine-tuning run can be
+   sampled once it has finished (its export is written at the end).
 5. Loaded LoRA weights are cast to float32, as backbones.add_lora trains them, so a bf16 transformer computes
    the same policy it was trained as.
 
@@ -45,7 +47,6 @@ from dataclasses import dataclass, field
 import torch
 
 import backbones
-import checkpoint
 
 LORA_FILE = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 OLD_LORA_FILE = "lora.safetensors"               # checkpoints written before this module existed
@@ -130,12 +131,15 @@ def resolve_weights(path: str) -> Weights:
         return Weights("full", os.path.join(path, TRANSFORMER), path, run, prefix=None)
     if os.path.isfile(os.path.join(path, OLD_LORA_FILE)):
         return _lora_file(os.path.join(path, OLD_LORA_FILE), run, source=path)
+    import checkpoint  # here, not at the top: checkpoint.py imports this module
+
     newest = checkpoint.latest(os.path.join(path, checkpoint.CHECKPOINTS))
     if newest is not None:
         return resolve_weights(newest)
     raise ValueError(f"{path!r} holds no weights: looked for {LORA_FILE}, {TRANSFORMER}/, {OLD_LORA_FILE} and a "
-                     f"complete {checkpoint.CHECKPOINTS}/checkpoint-<step>/ (a full fine-tuning checkpoint from "
-                     f"before exports has only accelerate's state: resume and finish the run to export it)")
+                     f"complete {checkpoint.CHECKPOINTS}/checkpoint-<step>/ (a full fine-tuning checkpoint holds "
+                     f"accelerate's training state only; {TRANSFORMER}/ is written at the end of the run: resume and "
+                     f"finish it, or pass the run folder once it has finished)")
 
 
 def read_adapter(folder: str) -> dict:
@@ -150,6 +154,8 @@ def read_adapter(folder: str) -> dict:
 
 def _recorded_options(folder: str) -> dict:
     """The run options recorded beside the weights: trainer_state.json's (a checkpoint) or config.json's (a run)."""
+    import checkpoint  # here, not at the top: checkpoint.py imports this module
+
     for name, key in ((checkpoint.STATE, "config"), ("config.json", None)):
         file = os.path.join(folder, name)
         if os.path.isfile(file):

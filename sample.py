@@ -108,15 +108,16 @@ def check(args: argparse.Namespace):
         raise ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
     run = weights.run if weights is not None else {}
     settings = resolve_settings(args.backbone, run, {"num_steps": args.num_steps, "guidance": args.guidance})
+    try:  # the clip size and, for real models, the weights folder (no weights are read)
+        folder = backbones.check_request(args.backbone, args.pretrained or run.get("pretrained"),
+                                         settings["num_frames"], settings["height"], settings["width"])
+        shift = settings["shift"] if settings["shift"] is not None else backbones.default_shift(args.backbone, folder)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise ConfigError(f"--backbone {args.backbone}: {err}") from None
     try:  # the schedule's own rules, on K numbers
-        sde.step_variances(sde.sigma_schedule(settings["num_steps"], settings["shift"] or 1.0), args.sde, eta)
+        sde.step_variances(sde.sigma_schedule(settings["num_steps"], shift), args.sde, eta)
     except ValueError as err:
         raise ConfigError(f"--sde {args.sde} --eta {eta} --num_steps {settings['num_steps']}: {err}") from None
-    try:  # the clip size and, for real models, the weights folder (no weights are read)
-        backbones.check_request(args.backbone, args.pretrained or run.get("pretrained"), settings["num_frames"],
-                                settings["height"], settings["width"])
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"--backbone {args.backbone}: {err}") from None
     return weights, prompts, settings, eta
 
 

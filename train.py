@@ -1,17 +1,19 @@
-"""GRPO post-training of HunyuanVideo-1.5 text-to-video with the SAGE SDE, the equalizer, the dual trust
-region and the self-paced reward curriculum, on any number of GPUs through Accelerate.
+"""GRPO post-training of text-to-video generators (HunyuanVideo-1.5, Wan2.1) with the SAGE SDE, the equalizer,
+the dual trust region and the self-paced reward curriculum, on any number of GPUs through Accelerate.
 
     accelerate launch train.py --backbone hunyuan15 --pretrained <dir> \
-        --reward videoalign --reward_model <VideoReward dir> --reward_prompt_template <rubric.txt>
+        --reward videoalign --reward_model <VideoReward dir> --reward_prompt_template <rubric.txt>   # [SAGE]
+    accelerate launch train.py --backbone wan21-1.3b --pretrained <dir> --full --group_size 16 \
+        --reward vlm --curriculum self_paced                                                          # [SPG]
     accelerate launch --config_file configs/fsdp2_full.yaml train.py --backbone hunyuan15 --full ...
     python train.py --backbone tiny --max_steps 20            # CPU, seconds: the same code on tiny models
     python train.py --backbone small --max_steps 4 --profile  # CPU profile (README "Performance")
 
 Each iteration runs five phases (SPEC §4), each a few calls into the concept modules:
-    1. sample     B/P prompts x G videos per process, K SDE steps with log-probs        sde.rollout
+    1. sample     B/G prompts x G videos per process, K SDE steps with log-probs     backbones.sample
     2. reward     decode, score three components, mix them with the curriculum        rewards, curriculum
     3. advantage  normalise within each prompt's group of G (groups never straddle processes)     grpo
-    4. update     every stochastic step of every sample, equalized clipped loss + dual KL  grpo, trust_region
+    4. update     every trained step of every sample, equalized clipped loss + dual KL  grpo, trust_region
     5. log        metrics.jsonl, metrics.png, validation videos, checkpoints
 Lines that involve Accelerate or other processes are tagged `# [dist]`; each has an obvious single-process
 reading (gather = the tensor itself, accumulate/backward = loss.backward(), this process = all prompts).
@@ -181,7 +183,7 @@ class Config:
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay ([FlowGRPO] 1e-4; the [SAGE] code's Muon 0.01)"})
     lr_scheduler: str = field(default="constant", metadata={
         "help": "diffusers.optimization schedule over the optimizer updates: constant (the papers'), constant_with_warmup, "
-                "linear, cosine, cosine_with_restarts, polynomial, piecewise_constant"})
+                "linear, cosine, cosine_with_restarts, polynomial"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "optimizer updates of linear warm-up (the *_with_warmup, "
                                                               "linear, cosine and polynomial schedules)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "[SAGE] 1.0"})
@@ -295,8 +297,17 @@ def resolve(cfg: Config) -> Config:
                           f"checkpointed; for none, pass --gradient_checkpointing False)")
     if cfg.sde == "cps" and cfg.eta > 1:
         raise ConfigError(f"--sde cps --eta {cfg.eta}: cps needs eta in (0, 1] (its noise share is sin(eta pi / 2))")
+    try:  # the clip size and, for real models, the weights folder (no weights are read)
+        folder = backbones.check_request(cfg.backbone, cfg.pretrained, cfg.num_frames, cfg.height, cfg.width)
+        shift = cfg.shift if cfg.shift is not None else backbones.default_shift(cfg.backbone, folder)
+        blocks = backbones.num_blocks(folder)
+    except (ValueError, RuntimeError, OSError, KeyError) as err:
+        raise ConfigError(f"--backbone {cfg.backbone}: {err}") from None
+    if cfg.checkpointed_blocks is not None and blocks is not None and cfg.checkpointed_blocks > blocks:
+        raise ConfigError(f"--checkpointed_blocks {cfg.checkpointed_blocks}: this transformer has {blocks} blocks; "
+                          f"choose 1..{blocks}")
     try:  # the schedule's own rules, on K numbers: no model involved
-        stochastic = sde.step_variances(sde.sigma_schedule(cfg.num_steps, cfg.shift or 1.0), cfg.sde, cfg.eta) > 0
+        stochastic = sde.step_variances(sde.sigma_schedule(cfg.num_steps, shift), cfg.sde, cfg.eta) > 0
     except ValueError as err:
         raise ConfigError(f"--sde {cfg.sde} --eta {cfg.eta} --num_steps {cfg.num_steps}: {err}") from None
     k_stochastic = int(stochastic.sum())  # cps's last step is deterministic
@@ -304,7 +315,7 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"--sde_window {cfg.sde_window}: must be in 0..{k_stochastic} (the stochastic steps of "
                           f"--sde {cfg.sde} --num_steps {cfg.num_steps}; 0 = all)")
     if cfg.sde_window_start not in ("random", "sliding") and not (
-            cfg.sde_window_start.isdigit() and int(cfg.sde_window_start) <= k_stochastic - cfg.sde_window):
+            cfg.sde_window_start.isdecimal() and int(cfg.sde_window_start) <= k_stochastic - cfg.sde_window):
         raise ConfigError(f"--sde_window_start {cfg.sde_window_start!r}: 'random', 'sliding' or an index in "
                           f"0..{k_stochastic - cfg.sde_window}")
     if cfg.shared_prefix and not cfg.sde_window:
@@ -325,6 +336,9 @@ def resolve(cfg: Config) -> Config:
     read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts"), validation_prompt_list(cfg)
     if cfg.lr_scheduler not in LR_SCHEDULES:
         raise ConfigError(f"--lr_scheduler {cfg.lr_scheduler!r}: choose one of {LR_SCHEDULES}")
+    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":
+        raise ConfigError(f"--lr_warmup_steps {cfg.lr_warmup_steps} does nothing with --lr_scheduler constant: "
+                          f"use --lr_scheduler constant_with_warmup")
     if cfg.report_to not in TRACKERS:
         raise ConfigError(f"--report_to {cfg.report_to!r}: choose one of {TRACKERS}")
     for tracker in ("tensorboard", "wandb"):
@@ -336,10 +350,6 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"--reward_device_map {cfg.reward_device_map!r}: one of {DEVICE_MAPS}, with --reward vlm only")
     if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
         raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder (or pass 'latest')")
-    try:  # the clip size and, for real models, the weights folder (no weights are read)
-        backbones.check_request(cfg.backbone, cfg.pretrained, cfg.num_frames, cfg.height, cfg.width)
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"--backbone {cfg.backbone}: {err}") from None
     try:  # the reward's files, and for a judge its config and tokenizer (no weights are read)
         rewards.check_reward(cfg.reward, cfg.reward_model, cfg.reward_prompt_template)
     except (ValueError, RuntimeError) as err:
@@ -614,17 +624,18 @@ def validation(tag, cfg, accelerator, family, backbone, model, text, negative, p
     and each component."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     mine = list(range(rank, len(prompts), world))  # [dist] this process's share of the prompts
-    s = []
-    if mine:
-        gens = [backbones.rollout_generators(cfg.seed, backbones.VALIDATION, i, 1, device)[0] for i in mine]
-        with torch.no_grad():
-            traj = backbones.sample(family, model, text([prompts[i] for i in mine]), negative,
-                                    backbones.initial_noise(gens, latent, device), gens, sigmas, "ode", 0.0,
-                                    cfg.guidance, cfg.micro_batch_size)
-            videos = family.decode(backbone, traj.latents[:, -1])  # (n, F, 3, H, W)
-        s = score(scorer, videos, [prompts[i] for i in mine], cfg, device)[0].tolist()
-        logs.save_validation(accelerator, videos, [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine],
-                             cfg.fps)
+    # [dist] Every process samples the same number of videos, padding its share with prompt 0: under DDP and
+    # FSDP a forward is a collective call (buffer broadcast, weight all-gather), so the counts must match.
+    rows = mine + [0] * (math.ceil(len(prompts) / world) - len(mine))
+    gens = [backbones.rollout_generators(cfg.seed, backbones.VALIDATION, i, 1, device)[0] for i in rows]
+    with torch.no_grad():
+        traj = backbones.sample(family, model, text([prompts[i] for i in rows]), negative,
+                                backbones.initial_noise(gens, latent, device), gens, sigmas, "ode", 0.0, cfg.guidance,
+                                cfg.micro_batch_size)
+        videos = family.decode(backbone, traj.latents[:, -1])[: len(mine)]  # (n, F, 3, H, W), padding dropped
+    s = score(scorer, videos, [prompts[i] for i in mine], cfg, device)[0].tolist() if mine else []
+    logs.save_validation(accelerator, videos if mine else None,
+                         [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine], cfg.fps)
     s = torch.tensor(gather_object(s))  # [dist] (n_val, 3): everyone's scores, in rank order
     return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
 

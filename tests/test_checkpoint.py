@@ -359,6 +359,13 @@ def test_output_folder_rules(reference, tmp_path):
         run(ref_out, *RUN)
     with pytest.raises(checkpoint.CheckpointError, match="pass one of them"):
         run(ref_out, *RUN, "--overwrite_output_dir", "--resume_from_checkpoint", "latest")
+    # a checkpoint of another folder may seed an empty one, never one that holds a run
+    elsewhere = str(ref_out / "checkpoints" / "checkpoint-2")
+    assert checkpoint.claim_output_dir(str(tmp_path / "fresh"), elsewhere, False) == elsewhere
+    (tmp_path / "other").mkdir()
+    logs.append_jsonl(str(tmp_path / "other" / "metrics.jsonl"), {"step": 1})
+    with pytest.raises(checkpoint.CheckpointError, match="belongs to another folder.*already holds a run"):
+        checkpoint.claim_output_dir(str(tmp_path / "other"), elsewhere, False)
     # latest with nothing to resume: a fresh start in an empty folder, a refusal in a folder with a run's logs
     empty = tmp_path / "empty"
     assert checkpoint.claim_output_dir(str(empty), "latest", False) is None
@@ -395,6 +402,13 @@ BAD_OPTIONS = [
     (["--prompts", "{tmp}/binary.txt"], "--prompts '{tmp}/binary.txt' is not a UTF-8 text file"),
     (["--reward_prompt_template", "{tmp}/none.txt"], "--reward_prompt_template '{tmp}/none.txt' does not exist"),
     (["--output_dir", "{tmp}/readonly/run"], "--output_dir {tmp}/readonly/run is not writable"),
+    (["--num_steps", "200"], "--sde sage --eta 0.5 --num_steps 200: sage step variances"),  # with tiny's shift 3
+    (["--lr_warmup_steps", "5"], "--lr_warmup_steps 5 does nothing with --lr_scheduler constant"),
+    (["--sde_window", "2", "--sde_window_start", "\u00b2"], "--sde_window_start '\u00b2': 'random', 'sliding' or an index"),
+    (["--sde_window", "5"], "--sde_window 5: must be in 0..4"),
+    (["--shared_prefix"], "--shared_prefix needs --sde_window"),
+    (["--optimizer", "sgd"], "--optimizer 'sgd': choose adamw or muon"),
+    (["--report_to", "comet"], "--report_to 'comet': choose one of"),
 ]
 
 
@@ -417,6 +431,16 @@ def test_each_bad_option_fails_in_milliseconds_before_any_model(tmp_path, monkey
     assert time.perf_counter() - start < 5
     assert exit_info.value.code == 2
     assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+
+
+def test_a_sliding_window_makes_the_run_length_part_of_the_resume_check():
+    """The sliding window is laid out over --max_steps, so extending such a run would move the window: refused."""
+    make = lambda **kw: train.resolve(train.parse_args(["--backbone", "tiny", "--sde_window", "2", *[
+        a for k, v in kw.items() for a in (f"--{k}", str(v))]]))
+    identity = lambda cfg: checkpoint.run_identity(cfg, 1, "no", ["p"], ["v"])
+    assert identity(make(max_steps=4)) == identity(make(max_steps=8))  # random window: the length may change
+    sliding = dict(sde_window_start="sliding")
+    assert identity(make(max_steps=4, **sliding)) != identity(make(max_steps=8, **sliding))
 
 
 def test_unknown_and_abbreviated_options_are_usage_errors(capsys):

@@ -132,3 +132,15 @@ def test_old_checkpoint_with_lora_safetensors_only_still_loads(tmp_path):
         export.resolve_weights(str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="does not exist"):
         export.resolve_weights(str(tmp_path / "nowhere"))
+
+
+def test_export_imports_first_in_a_fresh_interpreter():
+    """sample.py and evaluate.py import export before checkpoint; the two modules import each other, which
+    must work in that order too (a module-level use of the other's names would not)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", "import export, checkpoint; print(checkpoint.FINAL_EXPORT)"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "pytorch_lora_weights.safetensors" in done.stdout, done.stderr[-2000:]

@@ -108,18 +108,24 @@ def test_reward_rises_on_the_tiny_backbone(tmp_path, window, margin):
 def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     # accelerate 1.15's `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
     # processes with gloo come from the multi-GPU launcher with ACCELERATE_USE_CPU (README "Distributed").
+    # tiny-wan: its transformer has buffers, so under DDP every forward is a collective call (buffer broadcast);
+    # one validation prompt for two processes checks that both still run the same number of forwards.
+    validation = ["--validation_steps", "2", "--validation_prompt", "a red fox running through snow"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train.py"), "--backbone", "tiny",
-           "--max_steps", "2", "--batch_size", "4", "--validation_steps", "0", "--output_dir", str(tmp_path / "two")]
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train.py"), "--backbone", "tiny-wan",
+           "--max_steps", "2", "--batch_size", "4", "--output_dir", str(tmp_path / "two"), *validation]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "num_processes=2" in done.stdout  # train.py prints the resolved setup on the main process
     assert len(read_jsonl(tmp_path / "two" / "metrics.jsonl")) == 2  # a second update after a synced one
     two = read_jsonl(tmp_path / "two" / "samples.jsonl")[0]
     # The same 8 videos in one process: samples depend only on (seed, step, global index), not on the split.
-    run(tmp_path / "one", "--max_steps", 2, "--batch_size", 8, "--validation_steps", 0)
+    one_rows = train.main(train.parse_args(["--backbone", "tiny-wan", "--output_dir", str(tmp_path / "one"), "--max_steps",
+                                            "2", "--batch_size", "8", *validation]))
+    two_rows = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert two_rows[-1]["val/total"] == pytest.approx(one_rows[-1]["val/total"], abs=1e-5)
     one = read_jsonl(tmp_path / "one" / "samples.jsonl")[0]
     assert two["prompt"] == one["prompt"] and len(two["prompt"]) == 8
     torch.testing.assert_close(torch.tensor(two["scores"]), torch.tensor(one["scores"]), atol=1e-5, rtol=0)
