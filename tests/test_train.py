@@ -379,3 +379,35 @@ def test_muon_runs_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = export.read_adapter(tmp_path / "a" / "checkpoints" / "checkpoint-1")
     assert any(not torch.equal(first[k], a[k]) for k in a)  # Muon did move the adapter
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny-wan"])
+def test_the_vlm_judge_feeds_three_finite_components_to_the_curriculum(tmp_path, backbone):
+    """--reward vlm --reward_model tiny: the Qwen2.5-VL judge path inside the loop; every component is finite, the
+    self-paced curriculum weighs all three, and the judge's off-format mass is logged."""
+    rows = train.main(train.parse_args(["--backbone", backbone, "--output_dir", str(tmp_path), "--max_steps", "1",
+                                        "--validation_steps", "0", "--reward", "vlm", "--reward_model", "tiny"]))
+    row = rows[0]
+    for c in rewards.COMPONENTS:
+        assert 0 <= row[f"reward/{c}"] <= 1 and row[f"curriculum/w_{c}"] > 0
+    assert 0 <= row["reward/judge_off_format_mass"] <= 1 and row["health/nonfinite_scores"] == 0
+
+
+def test_a_tiny_wan_run_resumes_exactly(tmp_path):
+    """The Wan2.1 family through the same loop: a resume from the middle replays the rest exactly. (No learning
+    test here: tiny-wan's random 14 k-parameter VAE decodes nearly constant frames, so every proxy score of a group
+    agrees to 1e-4..3e-3 and the reward cannot move; the learning test runs on `tiny`, through the same code.)"""
+    args = ["--backbone", "tiny-wan", "--max_steps", "4", "--validation_steps", "0", "--checkpointing_steps", "2",
+            "--learning_rate", "1e-2", "--updates_per_rollout", "2", "--anchor_every", "2"]
+    rows = train.main(train.parse_args([*args, "--output_dir", str(tmp_path / "a")]))
+    assert rows[-1]["kl/pos"] > 0 and rows[-1]["kl/vel"] > 0  # the policy did move
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    resumed = train.main(train.parse_args([*args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint",
+                                           str(tmp_path / "b" / "checkpoints" / "checkpoint-2")]))
+    for want, got in zip(rows[2:], resumed[2:]):
+        for key, value in want.items():
+            if not key.startswith("time/"):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    a = export.read_adapter(tmp_path / "a" / "checkpoints" / "checkpoint-4")
+    b = export.read_adapter(tmp_path / "b" / "checkpoints" / "checkpoint-4")
+    assert all(torch.equal(a[k], b[k]) for k in a)
