@@ -401,17 +401,13 @@ def main(cfg: Config) -> list[dict]:
     accelerator.print(  # [dist] one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
         f"trained_steps={k_train} G={cfg.group_size} batch/process={cfg.batch_size} num_processes={world} "
-        f"precision={accelerator.mixed_precision} {'full' if cfg.full else 'LoRA'} "
-        f"trainable={sum(p.numel() for p in params) / 1e6:.2f}M reward={cfg.reward} curriculum={cfg.curriculum}")
+        f"{'full' if cfg.full else 'LoRA'} trainable={sum(p.numel() for p in params) / 1e6:.2f}M reward={cfg.reward}")
     accelerator.init_trackers(TRACKER_RUN, config=logs.tracker_config(asdict(cfg)),  # [dist] no-op for none
                               init_kwargs={"wandb": {"dir": cfg.output_dir}})
 
-    def velocity_fn(embeds):  # the policy velocity for one micro-batch of prompts (CFG inside)
-        return backbones.velocity_fn(family, model, embeds, negative, cfg.guidance)
-
-    def validate(tag: str) -> dict:  # the ODE videos of the validation prompts, scored and saved
-        return validation(tag, cfg, accelerator, family, backbone, model, text, negative, val_prompts, latent, sigmas,
-                          scorer)
+    velocity_fn = lambda embeds: backbones.velocity_fn(family, model, embeds, negative, cfg.guidance)  # CFG inside
+    validate = lambda tag: validation(tag, cfg, accelerator, family, backbone, model, text, negative, val_prompts,
+                                      latent, sigmas, scorer)  # the ODE videos of the validation prompts, scored
 
     # ---- resume: the newest complete checkpoint, or a fresh start -----------------------------------
     state = checkpoint.load(resume, accelerator, model, anchor, cur, identity, cfg.full,
