@@ -72,6 +72,11 @@ Deviations / choices
     accelerate. Muon's update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so
     `--learning_rate` keeps its meaning. It runs with DDP and on one process; it is refused under FSDP
     (Muon would orthogonalise each process's shard, not the matrix) and DeepSpeed (one engine optimizer).
+16. A multi-process run ends with `os._exit(0)` after its last collective call instead of destroying the
+    process group (accelerate's `end_training`): with gloo, torch 2.13's ProcessGroupGloo destructor joins its
+    worker threads while holding the GIL, and a worker that still owns the last all_gather's Python tensors
+    needs the GIL to free them, a deadlock at exit seen in about 1 of 6 two-process CPU runs (native stacks
+    taken with py-spy). Checkpoints, exports and logs are complete and flushed before; trackers are finished.
 """
 from __future__ import annotations
 
@@ -493,7 +498,8 @@ def main(cfg: Config) -> list[dict]:
             if cfg.profile:
                 profiling.print_profile(timer, time.perf_counter() - t_step, accelerator, model, step, cfg.output_dir)
     checkpoint.export_final(accelerator, model, cfg.output_dir, cfg.full)  # [dist] diffusers' format, at the root
-    accelerator.end_training()  # [dist]
+    for tracker in accelerator.trackers:  # [dist] end_training() without destroying the process group (Deviations 16)
+        tracker.finish()
     return history
 
 
@@ -705,6 +711,9 @@ def cli(argv: Optional[list[str]] = None) -> None:
     except (ConfigError, checkpoint.CheckpointError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if torch.distributed.is_initialized():  # Deviations 16: everything is written, flushed and fsynced by now
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
