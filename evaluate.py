@@ -47,7 +47,7 @@ import backbones
 import export
 import rewards
 import sample
-from train import ConfigError, read_prompts
+from train import ConfigError, exit_processes, read_prompts
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "eval_prompts.txt")
 COLUMNS = (*rewards.COMPONENTS, "total")
@@ -248,6 +248,7 @@ def cli(argv=None) -> None:
     except ConfigError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    exit_processes()  # a multi-process run ends without the gloo teardown deadlock (train.py Deviations 16)
 
 
 if __name__ == "__main__":

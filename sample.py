@@ -39,7 +39,7 @@ import torch
 import backbones
 import export
 import sde
-from train import ConfigError, read_prompts
+from train import ConfigError, exit_processes, read_prompts
 
 SETTINGS = ("num_frames", "height", "width", "fps", "num_steps", "guidance", "shift", "micro_batch_size")
 
@@ -223,6 +223,7 @@ def cli(argv=None) -> None:
     except ConfigError as err:
         print(f"sample.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    exit_processes()  # a multi-process run ends without the gloo teardown deadlock (train.py Deviations 16)
 
 
 if __name__ == "__main__":

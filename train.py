@@ -711,7 +711,13 @@ def cli(argv: Optional[list[str]] = None) -> None:
     except (ConfigError, checkpoint.CheckpointError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
-    if torch.distributed.is_initialized():  # Deviations 16: everything is written, flushed and fsynced by now
+    exit_processes()
+
+
+def exit_processes() -> None:
+    """Deviations 16: after a multi-process run's last collective call, exit without destroying the process
+    group (its gloo destructor can deadlock on the GIL). Everything is written, flushed and fsynced by now."""
+    if torch.distributed.is_initialized():
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
 
