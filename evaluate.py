@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
 import torch
 
@@ -47,7 +46,7 @@ import backbones
 import export
 import rewards
 import sample
-from train import ConfigError, exit_processes, read_prompts
+from train import ConfigError, read_prompts, run_command
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "eval_prompts.txt")
 COLUMNS = (*rewards.COMPONENTS, "total")
@@ -243,12 +242,8 @@ def bar_chart(result: dict, path: str) -> None:
 
 
 def cli(argv=None) -> None:
-    try:
-        main(parse_args(argv))
-    except ConfigError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    exit_processes()  # a multi-process run ends without the gloo teardown deadlock (train.py Deviations 16)
+    """A bad option is a usage error (exit 2, one line, no traceback), as in train.py."""
+    run_command("evaluate.py", main, parse_args(argv))
 
 
 if __name__ == "__main__":

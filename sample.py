@@ -32,14 +32,13 @@ import argparse
 import math
 import os
 import re
-import sys
 
 import torch
 
 import backbones
 import export
 import sde
-from train import ConfigError, exit_processes, read_prompts
+from train import ConfigError, read_prompts, run_command
 
 SETTINGS = ("num_frames", "height", "width", "fps", "num_steps", "guidance", "shift", "micro_batch_size")
 
@@ -218,12 +217,7 @@ def slug(prompt: str, length: int = 40) -> str:
 
 def cli(argv=None) -> None:
     """A bad option is a usage error (exit 2, one line, no traceback), as in train.py."""
-    try:
-        main(parse_args(argv))
-    except ConfigError as err:
-        print(f"sample.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    exit_processes()  # a multi-process run ends without the gloo teardown deadlock (train.py Deviations 16)
+    run_command("sample.py", main, parse_args(argv))
 
 
 if __name__ == "__main__":

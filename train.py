@@ -705,18 +705,18 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
 
 def cli(argv: Optional[list[str]] = None) -> None:
     """`python train.py ...`: a bad option or output folder is a usage error (exit 2, one line, no traceback)."""
-    cfg = parse_args(argv)
+    run_command("train.py", main, parse_args(argv))
+
+
+def run_command(prog: str, main_fn, args) -> None:
+    """The command-line end of train.py, sample.py and evaluate.py: a ConfigError or CheckpointError is a usage
+    error (exit 2, one line); a multi-process run then exits without destroying its process group (Deviations
+    16: the gloo destructor can deadlock on the GIL; everything is written, flushed and fsynced by now)."""
     try:
-        main(cfg)
+        main_fn(args)
     except (ConfigError, checkpoint.CheckpointError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    exit_processes()
-
-
-def exit_processes() -> None:
-    """Deviations 16: after a multi-process run's last collective call, exit without destroying the process
-    group (its gloo destructor can deadlock on the GIL). Everything is written, flushed and fsynced by now."""
     if torch.distributed.is_initialized():
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
