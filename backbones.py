@@ -11,11 +11,13 @@ A family module (hunyuan.py, wan.py) exposes the same few names, with the same s
         cache.negative(n), cache.offload_encoders()
     velocity(transformer, x, sigma, cond, uncond, guidance) -> v (N, C, F', H', W') float32, CFG in one forward
     decode(backbone, latents) -> frames (N, F, 3, H, W) float32 in [0, 1]
-    add_lora(transformer, rank, alpha) -> params; enable_gradient_checkpointing(transformer, blocks=None);
-    freeze_unreachable(transformer) -> names          (thin calls into this file)
-    BLOCK_CLASS (FSDP wrap unit), LORA_TARGETS (regex), FAMILY (a human name), PIPELINE_CLASS (the
-    model_index.json class of its Diffusers folders), VIDEO_FACTORS {name: (temporal, pixels per token side)},
-    HUB_IDS {name: hub id} for the models with downloadable weights, SUBFOLDERS (what a folder must hold).
+    add_lora(transformer, rank, alpha, targets="attn") -> params; enable_gradient_checkpointing(transformer,
+    blocks=None); freeze_unreachable(transformer) -> names          (thin calls into this file)
+    BLOCK_CLASS (FSDP wrap unit), LORA_TARGETS {--lora_targets choice: regex}, FAMILY (a human name),
+    PIPELINE_CLASS (the model_index.json class of its Diffusers folders), VIDEO_FACTORS {name: (temporal, pixels
+    per token side)}, HUB_IDS {name: hub id} for the models with downloadable weights, SUBFOLDERS (what a folder
+    must hold); for the memory estimate TRANSFORMER_CLASS, BUILT_IN_CONFIGS {name: transformer config} of the
+    backbones built in code, TEXT_LINEARS (regex: block Linears that see only text tokens), MIN_TEXT_TOKENS.
 
 Adding a family = one module with those names + one line per backbone in BACKBONES.
 
@@ -31,6 +33,15 @@ Deviations / choices
 3. The negative prompt's embeddings are repeated once per micro-batch (in `velocity_fn`), not per step.
 4. With a shared prefix, the prefix's forwards run on N / G rows, micro-batched like the rest; the prefix
    is a plain ODE, so its rows carry no log-prob and nothing in them is trained.
+5. `find_weights` parses every *config.json of the folder's subfolders (and model_index.json) before anything
+   loads: a damaged one is a one-line ValueError naming the file and the command that restores it, not a
+   traceback after minutes of loading the weights before it. tokenizer.json / vocab files (megabytes) are not
+   read here.
+6. `check_memory` refuses a run whose memory FLOOR exceeds all of the device's memory (not what is free now):
+   weights, trained state, rollout and one micro-batch's activations, estimated from the transformer config on
+   the meta device (ACTIVATION_FLOOR below; measured floors 0.2-0.8 of what autograd keeps). A floor misses
+   runs that will not fit (e.g. HunyuanVideo-1.5 at 33 x 320 x 576 without checkpointing: floor 65 GiB,
+   measured 91 GiB), but never refuses one that would: a refusal must be certain.
 
 Test: `python -m pytest tests/test_backbones.py tests/test_wan.py tests/test_hunyuan.py -q`.
 """
@@ -41,6 +52,7 @@ import importlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -179,23 +191,51 @@ def default_shift(name: str, folder: str | None) -> float:
         return shift
     if folder is None:
         return 3.0  # hunyuan.py's tiny and small backbones
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        config = json.load(f)
-    return float(config.get("shift", config.get("flow_shift", 1.0)))
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    config = read_config(path, _REPAIR)
+    try:
+        return float(config.get("shift", config.get("flow_shift", 1.0)))
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'shift' must be a number; {_REPAIR}") from None
 
 
 def num_blocks(folder: str | None) -> int | None:
     """The transformer's number of DiT blocks from its config.json (None for the models built in code)."""
     if folder is None:
         return None
-    with open(os.path.join(folder, "transformer", "config.json")) as f:
-        return int(json.load(f)["num_layers"])
+    path = os.path.join(folder, "transformer", "config.json")
+    config = read_config(path, _REPAIR)
+    if not isinstance(config.get("num_layers"), int) or config["num_layers"] < 1:
+        raise ValueError(f"{path}: 'num_layers' must be a positive integer, got {config.get('num_layers')!r}; "
+                         f"{_REPAIR}")
+    return config["num_layers"]
+
+
+# What to do about a damaged config file of a weights folder (find_weights names the exact command).
+_REPAIR = "repair the file or download the folder again (hf download, README)"
+
+
+def read_config(path: str, fix: str) -> dict:
+    """The JSON object in the file `path`, or a one-line ValueError that names the file, what is wrong with it
+    and `fix` (what to do). Config files are small: reading one costs well under a millisecond."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; {fix}") from None
+    except (OSError, ValueError) as err:   # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable JSON file ({reason}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object {{...}}; {fix}")
+    return config
 
 
 def find_weights(name: str, pretrained: str | None) -> str:
     """A local folder holding `name`'s Diffusers layout, or a RuntimeError that names the problem and the
-    download command (weights are never downloaded implicitly). A hub id is looked up in the local
-    Hugging Face cache only (local_files_only: answers in milliseconds, never touches the network)."""
+    download command (weights are never downloaded implicitly), or a ValueError naming a damaged config file
+    (Deviations 5). A hub id is looked up in the local Hugging Face cache only (local_files_only: answers in
+    milliseconds, never touches the network)."""
     family = module(name)
     repo_default = family.HUB_IDS[name]
     pretrained = pretrained or repo_default
@@ -219,6 +259,15 @@ def find_weights(name: str, pretrained: str | None) -> str:
         missing = [sub for sub in family.SUBFOLDERS if not os.path.isdir(os.path.join(root, sub))]
         problem = f"missing subfolders {missing}" if missing else None
     if problem is None:
+        # Every config file the loaders will read must parse now, not after minutes of loading the weights
+        # that come before it (Deviations 5). Only the small *config.json files: tokenizer.json is megabytes.
+        repo = pretrained if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) else repo_default
+        again = f"--local-dir {root}" if os.path.isdir(pretrained) else "--force-download"   # a folder / the cache
+        for sub in family.SUBFOLDERS:
+            for file in sorted(os.listdir(os.path.join(root, sub))):
+                if file.endswith("config.json"):
+                    read_config(os.path.join(root, sub, file),
+                                f"repair the file or download the folder again: hf download {repo} {again}")
         return root
     repo = pretrained if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) else repo_default
     local = "checkpoints/" + name
@@ -235,8 +284,182 @@ def _pipeline_class(root: str) -> str | None:
     path = os.path.join(root, "model_index.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f).get("_class_name")
+    fix = ("repair it, or delete it (a folder without model_index.json is judged by its subfolders alone), or "
+           "download the folder again")
+    found = read_config(path, fix).get("_class_name")
+    if found is not None and not isinstance(found, str):
+        raise ValueError(f"{path}: '_class_name' must be a pipeline class name, got {found!r}; {fix}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: a floor estimated from the transformer config before any weights are read (Deviations 6)
+
+# Bytes that autograd certainly keeps per video token, row and block, in units of hidden size x dtype size,
+# not counting LoRA: the LayerNorm inputs, q / k / v and the attention output, the GELU input, the gated
+# residual operands. Frozen Linears keep none of their inputs. Measured with saved-tensor hooks on one
+# real-width block on CPU (576 tokens, LoRA r = 32 subtracted): 12 (float32) to 16 (bf16) for HunyuanVideo-1.5,
+# 16 to 22 for Wan2.1 (bf16 keeps some float32 tensors: norms, rotary). 10 stays below all of them, so the
+# estimate is a floor and a refusal is never a false one (tests/test_backbones.py checks it on the tiny models).
+ACTIVATION_FLOOR = 10
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A floor, in bytes, of one process's memory during a training step, in four parts (each a lower bound):
+
+    weights      the frozen transformer in its dtype (LoRA runs; 0 with --full, where `trained` holds it)
+    trained      each trained tensor 16 B per element: its float32 value, gradient, anchor copy and at least one
+                 optimizer state (AdamW keeps two, Muon one); split over `shards` processes under FSDP / ZeRO
+    rollout      the stored trajectory, latents and means (N, 2K+1, C, F', H', W') float32, and the decoded
+                 videos (N, F, 3, H, W) float32, which stay alive through the update
+    activations  what autograd keeps for one training micro-batch, forward to backward; `lora_activations` of it
+                 are LoRA's (A's r outputs, and under bf16 peft's float32 copy of each adapted Linear's input)
+
+    Left out: the VAE, the reward model, text encoders, allocator slack, the attention scores (no attention a run
+    makes is masked, so torch's CPU and CUDA kernels never hold the (S, S) scores: 16,384 tokens x 2 heads kept
+    12.7 MB on CPU, not 2 GiB) and Linear inputs under --full."""
+
+    weights: int
+    trained: int
+    rollout: int
+    activations: int
+    lora_activations: int
+    lines: dict[str, str]   # part -> what it holds and the options that drive it, for check_memory's message
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trained + self.rollout + self.activations
+
+
+def transformer_skeleton(name: str, folder: str | None) -> nn.Module:
+    """The transformer of `name` built on the meta device from its config: every shape, no memory, no weights.
+    The config is the family's built-in one for tiny / small / tiny-wan, else the folder's transformer/config.json
+    (a config the class rejects is a one-line ValueError naming the file)."""
+    family = module(name)
+    if folder is None:
+        config, path = family.BUILT_IN_CONFIGS[name], None
+    else:
+        path = os.path.join(folder, "transformer", "config.json")
+        config = read_config(path, _REPAIR)
+    try:
+        with torch.device("meta"):
+            return family.TRANSFORMER_CLASS.from_config(config)
+    except Exception as err:   # a value of the wrong type or size: whatever the class raises
+        raise ValueError(f"{path}: {family.TRANSFORMER_CLASS.__name__} cannot be built from it "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {_REPAIR}") from None
+
+
+def estimate_memory(name: str, folder: str | None, *, num_frames: int, height: int, width: int, num_steps: int,
+                    batch_size: int, micro_batch_size: int, lora_rank: int, lora_targets: str, full: bool,
+                    guidance: float, dtype: torch.dtype, gradient_checkpointing: bool,
+                    checkpointed_blocks: int | None, shards: int = 1) -> MemoryEstimate:
+    """The MemoryEstimate of a training run with these (resolved) options, from the transformer's shapes alone
+    (milliseconds for the tiny models, under 0.5 s for 14 B). `dtype` is the transformer's compute dtype (bf16
+    under --mixed_precision bf16); `shards` the processes FSDP / DeepSpeed split the trained state over (1 for
+    DDP or one process)."""
+    family = module(name)
+    model = transformer_skeleton(name, folder)
+    temporal, pixels = family.VIDEO_FACTORS[name]
+    # Both families patch time by 1, so a row carries one token per latent frame and pixels x pixels square.
+    V = ((num_frames - 1) // temporal + 1) * (height // pixels) * (width // pixels)   # video tokens per row
+    D, per_token = model.proj_out.in_features, model.proj_out.out_features   # hidden size; latent values per token
+    blocks = sum(type(m).__name__ == family.BLOCK_CLASS for m in model.modules())
+    item = dtype.itemsize   # bytes per activation value: bf16 2, float32 4
+
+    # The trained tensors and, for LoRA, the Linear layers it adapts (with the tokens each one sees).
+    P = sum(p.numel() for p in model.parameters())
+    regex = lora_regex(family.LORA_TARGETS, lora_targets)
+    adapted = [] if full else [(n, m) for n, m in model.named_modules()
+                               if isinstance(m, nn.Linear) and re.fullmatch(regex, n)]
+    L = sum(lora_rank * (m.in_features + m.out_features) for _, m in adapted)   # A (r x in) + B (out x r)
+    weights = 0 if full else P * item // shards
+    trained = (P if full else L) * 16 // shards
+
+    N, K = batch_size, num_steps
+    rollout = N * (2 * K + 1) * V * per_token * 4 + N * num_frames * 3 * height * width * 4
+
+    # One micro-batch through the blocks: R rows (a video and, with CFG, its negative prompt).
+    R = micro_batch_size * (2 if guidance > 1 else 1)
+    copy = 4 if dtype != torch.float32 else 0   # peft casts a bf16 input to the float32 LoRA weights: a kept copy
+    lora_per_row = sum((family.MIN_TEXT_TOKENS if re.fullmatch(family.TEXT_LINEARS, n) else V)
+                       * (lora_rank * 4 + m.in_features * copy) for n, m in adapted) // blocks   # A's output (r)
+    block = R * (V * ACTIVATION_FLOOR * D * item + lora_per_row)   # one block that keeps its activations
+    checkpointed = (blocks if checkpointed_blocks is None else checkpointed_blocks) if gradient_checkpointing else 0
+    # A checkpointed block keeps its input only, and the backward recomputes one block at a time.
+    kept = blocks - checkpointed + (1 if checkpointed else 0)   # blocks whose activations are alive at the peak
+    activations = kept * block + checkpointed * R * V * D * item
+
+    size = f"--num_frames {num_frames} --height {height} --width {width}"
+    lora = "--full" if full else f"--lora_rank {lora_rank} --lora_targets {lora_targets}"
+    lines = {
+        "activations": f"activations of one micro-batch {_gib(activations)} (--micro_batch_size {micro_batch_size} "
+                       f"videos x {R // micro_batch_size} rows (CFG) x {V:,} tokens of {size}, "
+                       f"{blocks - checkpointed} of {blocks} blocks not checkpointed"
+                       + ("" if full else f"; LoRA's share {_gib(kept * R * lora_per_row)} at {lora}") + ")",
+        "rollout": f"rollout {_gib(rollout)} (--batch_size {N} videos x {2 * K + 1} latents of --num_steps {K}, and "
+                   f"the decoded videos of {size})",
+        "trained": f"trained state {_gib(trained)} ({(P if full else L) / 1e6:,.1f} M parameters x 16 B, {lora})",
+        "weights": f"weights {_gib(weights)} ({P / 1e6:,.1f} M parameters in {str(dtype).removeprefix('torch.')})",
+    }
+    return MemoryEstimate(weights=weights, trained=trained, rollout=rollout, activations=activations,
+                          lora_activations=kept * R * lora_per_row, lines=lines)
+
+
+# What lowers each part of a MemoryEstimate, for the message of check_memory. --micro_batch_size defaults to 1
+# video on the real backbones and to the whole --batch_size on the CPU ones; --batch_size defaults to --group_size.
+_REMEDY = {"activations": "lower --micro_batch_size (on the CPU backbones it defaults to --batch_size, which "
+                          "defaults to --group_size), the clip size, or pass --gradient_checkpointing True",
+           "lora_activations": "lower --lora_rank",
+           "rollout": "lower --batch_size (default: --group_size), --num_steps or the clip size",
+           "trained": "lower --lora_rank, or shard --full over more GPUs (configs/fsdp2_full.yaml)",
+           "weights": "use --mixed_precision bf16 or a device with more memory"}
+
+
+def check_memory(name: str, folder: str | None, *, device, **options) -> MemoryEstimate:
+    """Refuses, before any weights load, a run whose memory floor (estimate_memory, same keyword options)
+    exceeds all the memory of `device`: a ValueError of one line with the estimate, its largest parts and the
+    options behind them, and what to lower. Returns the estimate. Devices other than CPU and CUDA pass."""
+    estimate = estimate_memory(name, folder, **options)
+    available = available_memory(device)
+    if available is None or estimate.total <= available[0]:
+        return estimate
+    # The parts from the largest, leaving out those under 1 % of the total; the remedy is the largest one's
+    # (LoRA's own, when the adapters' activations are most of the activations).
+    parts = [p for p in sorted(estimate.lines, key=lambda p: -getattr(estimate, p))
+             if getattr(estimate, p) >= estimate.total / 100]
+    remedy = "lora_activations" if parts[0] == "activations" and \
+        estimate.lora_activations > estimate.activations / 2 else parts[0]
+    raise ValueError(
+        f"--backbone {name} needs at least {_gib(estimate.total)} per process, more than the {_gib(available[0])} "
+        f"of {available[1]}: {'; '.join(estimate.lines[p] for p in parts)}. To fit, {_REMEDY[remedy]} "
+        f"(a floor estimated from the transformer config; configs/MEMORY.md)")
+
+
+def available_memory(device) -> tuple[int, str] | None:
+    """(bytes, description) of all the memory of `device`, not what is free now: other tenants may come and go,
+    and a refusal must be certain. CPU: the RAM (os.sysconf), or a smaller cgroup limit of this container;
+    CUDA: the device's total (its properties; no model is created). None for other devices."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} ({device})"
+    if device.type != "cpu":
+        return None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):   # cgroup v2, v1
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdecimal() and int(limit) < ram:
+            return int(limit), f"this container's memory limit ({path})"
+    return ram, "this machine's RAM"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:,.1f} MiB"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,6 +474,13 @@ def keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+
+
+def lora_regex(table: dict[str, str], choice: str) -> str:
+    """The family's LORA_TARGETS regex for the --lora_targets `choice`, or a one-line ValueError."""
+    if choice not in table:
+        raise ValueError(f"--lora_targets {choice!r}: choose one of {tuple(table)}")
+    return table[choice]
 
 
 def add_lora(transformer, targets: str, rank: int, alpha: int) -> list[nn.Parameter]:

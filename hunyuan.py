@@ -39,8 +39,12 @@ Deviations / choices:
 7. Text padding is trimmed: a batch's text streams are as long as its longest prompt, not 1000 + 256
    tokens. Padded tokens are masked and reordered behind the valid ones, so the velocity is the same
    (tested against the padded call) and a 33 x 320 x 576 forward runs ~1250 fewer tokens.
-8. Parameters no gradient can reach (the last block's text-stream outputs) are frozen by
-   `freeze_unreachable`, which finds them with one backward instead of a hand-written list.
+8. Parameters no gradient can reach (the last block's text-stream outputs: to_add_out, ff_context, and LoRA on
+   them, which --lora_targets attn_ffn adds) are frozen by `freeze_unreachable`, which finds them with one
+   backward instead of a hand-written list. The last block's text queries (add_q_proj, norm_added_q) stay
+   trainable: they are on the graph but feed only the dropped text tokens' attention outputs, so their gradient
+   is exactly 0 (tested for their LoRA). DDP and FSDP2 accept that; freezing them would change the tensors in
+   the optimizer state of runs made before, whose checkpoints would then no longer resume.
 9. The DiT blocks' attention runs without a mask (`ValidTokenAttnProcessor`): rows are grouped by their
    number of valid tokens and each group attends over its valid prefix only. diffusers builds a dense
    (N, 1, S, S) boolean mask per block, which rules out the flash kernels; the velocity is the same
@@ -78,9 +82,22 @@ QWEN_LAYER = -3     # pipeline: num_hidden_layers_to_skip = 2 -> hidden_states[-
 IMAGE_TOKENS = 1    # Deviation 3; the pipeline uses 729 (SigLIP 27 x 27), all masked out in t2v
 # The pipeline's Qwen/ByT5 lengths and system-prompt crop (its constants, checked in the tests).
 HUNYUAN_MAX_LENGTH, HUNYUAN_MAX_LENGTH_2, HUNYUAN_CROP_START = 1000, 256, 108
-# Only the DiT blocks' attention projections; plain "to_q" would also hit the text token refiner.
-LORA_TARGETS = (r".*transformer_blocks\.\d+\.attn\."
-                r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
+# --lora_targets: the regex (full module names, peft's re.fullmatch) each choice gives peft. Only the DiT
+# blocks: plain "to_q" or "ff" would also hit the text token refiner (context_embedder.token_refiner).
+# "attn": both streams' attention projections (video to_q/k/v/out, text add_q/k/v/to_add_out);
+# "attn_ffn": also both streams' feed-forward Linears, FeedForward's net.0.proj (D -> 4D, before the GELU)
+# and net.2 (4D -> D): the image stream's `ff` and the text stream's `ff_context`. At r = 32 and full size
+# they add 2 x 2 x 32 x (2048 + 8192) = 1.31 M per block: 127.4 M LoRA parameters against attn's 56.6 M.
+_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+LORA_TARGETS = {"attn": rf".*transformer_blocks\.\d+\.{_ATTN}",
+                "attn_ffn": rf".*transformer_blocks\.\d+\.({_ATTN}|(ff|ff_context)\.net\.(0\.proj|2))"}
+
+# For backbones.estimate_memory: the diffusers class, the configs of the backbones built in code, the block
+# Linears that see only the text tokens (the text stream: added q / k / v, to_add_out, ff_context), and the
+# fewest text tokens a row carries (1 image token + at least one Qwen and one ByT5 column after trimming).
+TRANSFORMER_CLASS = HunyuanVideo15Transformer3DModel
+TEXT_LINEARS = r".*transformer_blocks\.\d+\.(attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff_context\..*)"
+MIN_TEXT_TOKENS = 3
 
 # Tiny configs (built offline; tests/test_hunyuan.py checks them against the pipeline): same classes, a few thousand to a few million parameters, CPU-fast.
 TINY_TRANSFORMER = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
@@ -95,6 +112,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
 SMALL_TRANSFORMER = dict(TINY_TRANSFORMER, in_channels=33, out_channels=16, num_layers=4, num_attention_heads=4,
                          attention_head_dim=32, rope_axes_dim=(8, 12, 12))
 SMALL_VAE = dict(TINY_VAE, latent_channels=16, block_out_channels=(32, 32))  # encoder groups need 32 >= 2 x 16
+BUILT_IN_CONFIGS = {"tiny": TINY_TRANSFORMER, "small": SMALL_TRANSFORMER}
 TINY_SYSTEM_MESSAGE = "Describe the video."
 # Qwen2.5-VL's chat template reduced to plain-string messages, which is all the pipeline sends.
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -487,8 +505,9 @@ def enable_gradient_checkpointing(transformer, blocks: int | None = None) -> Non
 def freeze_unreachable(transformer) -> list[str]:
     """Freezes the trainable parameters no gradient can reach, and returns their names (Deviation 8).
 
-    The last block's text-stream outputs (its text output projection and text MLP, and LoRA on them) feed
-    nothing: the transformer drops the text tokens after the last block. Found by one backward
+    The last block's text-stream outputs (its text output projection and text MLP, and LoRA on them: attn
+    targets to_add_out, attn_ffn also ff_context) feed nothing: the transformer drops the text tokens after the
+    last block. Found by one backward
     (backbones.freeze_unreachable) on a 4-token latent with both text streams valid, so every input path
     is exercised."""
     def probe(core):
@@ -501,10 +520,11 @@ def freeze_unreachable(transformer) -> list[str]:
     return backbones.freeze_unreachable(transformer, probe)
 
 
-def add_lora(transformer, rank: int = 32, alpha: int = 64) -> list[nn.Parameter]:
-    """LoRA on the DiT blocks' attention projections only (LORA_TARGETS), float32 (Deviation 5,
-    backbones.add_lora). Returns the trainable parameters."""
-    return backbones.add_lora(transformer, LORA_TARGETS, rank, alpha)
+def add_lora(transformer, rank: int = 32, alpha: int = 64, targets: str = "attn") -> list[nn.Parameter]:
+    """LoRA on the DiT blocks' attention projections, with targets="attn_ffn" also on both streams'
+    feed-forward Linears (LORA_TARGETS; never the token refiner), float32 (Deviation 5, backbones.add_lora).
+    Returns the trainable parameters."""
+    return backbones.add_lora(transformer, backbones.lora_regex(LORA_TARGETS, targets), rank, alpha)
 
 
 # ----------------------------------------------------------------------------------------------------

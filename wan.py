@@ -35,9 +35,12 @@ Deviations / choices:
    read, so a large prompt set costs (valid tokens x 4096) per prompt instead of 512 x 4096.
 7. Nothing needs freezing: every parameter of the text-to-video transformer reaches the output (no text
    stream is dropped, unlike HunyuanVideo-1.5's last block). `freeze_unreachable` still runs its probe
-   and returns [] (tested), so train.py needs no family switch.
+   and returns [] (tested for --full and both --lora_targets), so train.py needs no family switch.
 8. "tiny-wan" is the same classes with tiny configs (TINY_TRANSFORMER, TINY_VAE), random weights from
    `seed`, ByT5's byte tokenizer standing in for umt5-xxl's, and the real 512-token text length.
+9. The prompt cache keeps every embedding on the device the text encoder had when the cache was made (the
+   training device), also for prompts first seen after `offload_encoders()`, which are encoded on the CPU
+   (slowly) and then moved there, as hunyuan.py's cache does.
 
 Test: `python -m pytest tests/test_wan.py -q` (CPU, tiny-wan, compares with WanPipeline).
 """
@@ -61,9 +64,20 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 VIDEO_FACTORS = {"wan21-1.3b": (4, 16), "wan21-14b": (4, 16), "tiny-wan": (4, 16)}
 ATTENTION_PROCESSORS = ("diffusers",)    # diffusers' WanAttnProcessor: no mask, flash kernels apply
 MAX_LENGTH = 512   # WanPipeline.__call__(max_sequence_length=512)
-# Self-attention (attn1) and cross-attention (attn2) projections inside the blocks only; the text and time
-# embedders, patch embedding and output projection stay frozen.
-LORA_TARGETS = r"blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+# --lora_targets: the regex (full module names, peft's re.fullmatch) each choice gives peft, inside the blocks
+# only; the text and time embedders, patch embedding and output projection stay frozen.
+# "attn": self-attention (attn1) and cross-attention (attn2) projections;
+# "attn_ffn": also the feed-forward Linears, FeedForward's net.0.proj (D -> ffn_dim, before the GELU) and net.2
+# (ffn_dim -> D), as Flow-Factory's Wan default and DiffSynth-Studio adapt them.
+_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+LORA_TARGETS = {"attn": rf"blocks\.\d+\.{_ATTN}",
+                "attn_ffn": rf"blocks\.\d+\.({_ATTN}|ffn\.net\.(0\.proj|2))"}
+
+# For backbones.estimate_memory: the diffusers class, the block Linears that see only the text tokens (the
+# cross-attention's keys and values), and the text tokens every row carries (always padded to 512).
+TRANSFORMER_CLASS = WanTransformer3DModel
+TEXT_LINEARS = r"blocks\.\d+\.attn2\.(to_k|to_v)"
+MIN_TEXT_TOKENS = MAX_LENGTH
 
 # The hub configs (transformer/config.json of the Diffusers folders), for benchmark.py's random-weight
 # model; loading always reads the folder's own config.
@@ -79,6 +93,7 @@ TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_h
                         out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 TINY_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+BUILT_IN_CONFIGS = {"tiny-wan": TINY_TRANSFORMER}
 
 
 @dataclass
@@ -188,7 +203,9 @@ class PromptCache:
         new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         for start in range(0, len(new), self.chunk):   # bounded batches: umt5-xxl on 512 tokens each
             chunk = new[start:start + self.chunk]
-            self.cache.update(zip(chunk, _encode_prompts(self.backbone, chunk)))
+            # Stored on the cache's device, wherever the encoder runs: after offload_encoders() it runs on the
+            # CPU, and a batch mixing such prompts with earlier ones must stack on one device (Deviation 9).
+            self.cache.update(zip(chunk, (e.to(self.device) for e in _encode_prompts(self.backbone, chunk))))
         L = self.backbone.max_length
         return PromptEmbeds(torch.stack([nn.functional.pad(self.cache[p], (0, 0, 0, L - len(self.cache[p])))
                                          for p in prompts]))   # (N, L, D)
@@ -250,9 +267,10 @@ def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat(videos).permute(0, 2, 1, 3, 4)
 
 
-def add_lora(transformer, rank: int = 32, alpha: int = 64) -> list[nn.Parameter]:
-    """LoRA on the blocks' self- and cross-attention projections (LORA_TARGETS), float32 (backbones.add_lora)."""
-    return backbones.add_lora(transformer, LORA_TARGETS, rank, alpha)
+def add_lora(transformer, rank: int = 32, alpha: int = 64, targets: str = "attn") -> list[nn.Parameter]:
+    """LoRA on the blocks' self- and cross-attention projections, with targets="attn_ffn" also on their
+    feed-forward Linears (LORA_TARGETS), float32 (backbones.add_lora). Returns the trainable parameters."""
+    return backbones.add_lora(transformer, backbones.lora_regex(LORA_TARGETS, targets), rank, alpha)
 
 
 def enable_gradient_checkpointing(transformer, blocks: int | None = None) -> None:

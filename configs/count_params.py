@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DMo
 from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2VLConfig, Qwen2VLModel, T5Config, T5EncoderModel
 
 sys.path.insert(0, ".")  # run from the repository root
-from hunyuan import LORA_TARGETS  # the exact regex add_lora() gives peft
+import hunyuan  # LORA_TARGETS: the exact regexes add_lora() gives peft
 
 
 def n(m):  # number of parameters of a module
@@ -40,10 +40,10 @@ print(f"  everything else         {n(dit) - n(blocks):>15,}  (embedders, token r
 
 # LoRA: each matched nn.Linear(in, out) gets A (r x in) and B (out x r): r * (in + out) parameters.
 r = 32
-hits = [(name, m) for name, m in dit.named_modules()
-        if isinstance(m, torch.nn.Linear) and re.fullmatch(LORA_TARGETS, name)]
-lora = sum(r * (m.in_features + m.out_features) for _, m in hits)
-print(f"LoRA r={r}: {len(hits)} Linear layers ({len(hits) // len(blocks)} per block) -> {lora:,} parameters")
+for targets, regex in hunyuan.LORA_TARGETS.items():   # --lora_targets attn / attn_ffn
+    hits = [(name, m) for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(regex, name)]
+    lora = sum(r * (m.in_features + m.out_features) for _, m in hits)
+    print(f"LoRA r={r} {targets}: {len(hits)} Linear layers ({len(hits) // len(blocks)} per block) -> {lora:,} parameters")
 
 for name, m in [("VAE", vae), ("Qwen2.5-VL-7B text tower", qwen), ("ByT5-small encoder", byt5),
                 ("VideoAlign Qwen2-VL-2B (+rm_head 1536)", reward)]:
@@ -63,10 +63,10 @@ with torch.device("meta"):
     for name, config in wan.REAL_TRANSFORMER.items():
         wan_dit = WanTransformer3DModel(**config)
         blocks = wan_dit.blocks
-        hits = [m for key, m in wan_dit.named_modules()
-                if isinstance(m, torch.nn.Linear) and re.fullmatch(wan.LORA_TARGETS, key)]
         print(f"{name} DiT total{n(wan_dit):>23,}  ({len(blocks)} x WanTransformerBlock {n(blocks[0]):,} each)")
-        print(f"{name} LoRA r={r}: {len(hits)} Linear ({len(hits) // len(blocks)} per block) -> "
-              f"{sum(r * (m.in_features + m.out_features) for m in hits):,} parameters")
+        for targets, regex in wan.LORA_TARGETS.items():
+            hits = [m for key, m in wan_dit.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(regex, key)]
+            print(f"{name} LoRA r={r} {targets}: {len(hits)} Linear ({len(hits) // len(blocks)} per block) -> "
+                  f"{sum(r * (m.in_features + m.out_features) for m in hits):,} parameters")
 print(f"{'Wan2.1 VAE':<40}{n(wan_vae):>15,}")
 print(f"{'umt5-xxl encoder':<40}{n(umt5):>15,}")

@@ -358,6 +358,67 @@ def test_lora_only_on_dit_attention_and_gets_gradients_through_velocity(cache):
             assert reached != name.startswith(dead), name
 
 
+# The regex `attn` had before --lora_targets existed: runs and exports made then must keep their meaning.
+ATTN_BEFORE_ISSUE_18 = (r".*transformer_blocks\.\d+\.attn\."
+                        r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
+
+
+def feed_forward_linears(model, where: str) -> set[str]:
+    """The nn.Linear names inside every FeedForward module under `where` (found by module type, not by name)."""
+    from diffusers.models.attention import FeedForward
+    root = model.get_submodule(where)
+    return {f"{where}.{ff_name}.{name}" for ff_name, ff in root.named_modules() if isinstance(ff, FeedForward)
+            for name, m in ff.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("targets", ["attn", "attn_ffn"])
+def test_lora_targets_choose_the_attention_and_feed_forward_linears_of_the_dit_blocks(targets):
+    """attn (the default, today's regex unchanged): the 8 attention projections per block; attn_ffn: also exactly
+    the DiT blocks' feed-forward Linears, of both streams (ff, ff_context: net.0.proj and net.2), and none of the
+    token refiner's, which has a FeedForward of its own."""
+    assert hunyuan.LORA_TARGETS["attn"] == ATTN_BEFORE_ISSUE_18
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    model = tiny.transformer
+    attention = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                 and re.fullmatch(r"transformer_blocks\.\d+\.attn\..*", n)}
+    ffn = feed_forward_linears(model, "transformer_blocks")
+    assert len(attention) == 8 * model.config.num_layers and len(ffn) == 4 * model.config.num_layers
+    assert feed_forward_linears(model, "context_embedder")   # the refiner's ff exists, and must stay untouched
+    params = hunyuan.add_lora(model, rank=4, alpha=8, targets=targets)
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == (attention | ffn if targets == "attn_ffn" else attention)
+    assert len(params) == 2 * len(adapted) and all(p.dtype == torch.float32 for p in params)
+    assert model.peft_config["default"].target_modules == hunyuan.LORA_TARGETS[targets]   # what exports record
+    with pytest.raises(ValueError, match=re.escape("--lora_targets 'ffn': choose one of ('attn', 'attn_ffn')")):
+        hunyuan.add_lora(hunyuan.load_backbone("tiny", seed=0).transformer, targets="ffn")
+
+
+def test_attn_ffn_freezes_the_last_blocks_text_feed_forward_and_every_other_lora_parameter_learns(cache):
+    """freeze_unreachable with attn_ffn: besides the last block's to_add_out (as with attn), its text-stream
+    feed-forward ff_context feeds only text tokens that the transformer drops, so its LoRA gets no gradient and is
+    frozen. Then, with every A and B random (a step after B left 0), one backward through the batched CFG
+    velocity gives every remaining LoRA tensor a nonzero gradient, except the last block's text queries
+    (add_q_proj): they feed only the dropped text tokens' attention outputs, so their gradient is exactly 0 (not
+    None: DDP and FSDP2 accept it); hunyuan Deviation 8 says why they stay trainable."""
+    tiny = hunyuan.load_backbone("tiny", seed=0)
+    model = tiny.transformer
+    params = hunyuan.add_lora(model, rank=4, alpha=8, targets="attn_ffn")
+    frozen = hunyuan.freeze_unreachable(model)
+    last = f"transformer_blocks.{model.config.num_layers - 1}."
+    assert set(frozen) == {f"{last}{layer}.lora_{ab}.default.weight" for ab in "AB"
+                           for layer in ("attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2")}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(params) - 6
+    torch.manual_seed(6)
+    for p in trainable.values():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(2, 4, 3, 8, 8)
+    loss = hunyuan.velocity(model, x, 0.6, cache(PROMPTS), cache.negative(2), 5.0).square().mean()
+    grads = dict(zip(trainable, torch.autograd.grad(loss, list(trainable.values()))))
+    zero = {n for n, g in grads.items() if g.abs().sum() == 0}
+    assert zero == {f"{last}attn.add_q_proj.lora_{ab}.default.weight" for ab in "AB"}
+
+
 def test_freeze_unreachable_freezes_exactly_the_last_blocks_text_outputs(cache):
     """Full fine-tuning: the parameters that can never get a gradient are the last block's text output
     projection and text MLP (the text tokens are dropped after it); after freezing them, one backward through

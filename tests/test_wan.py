@@ -1,6 +1,7 @@
 """Tests for wan.py on the tiny-wan backbone (CPU). The oracle is diffusers' own `WanPipeline` on the same
 weights: its prompt encoding, its sampling loop (two transformer calls per step for CFG, the
 FlowMatchEulerDiscreteScheduler's Euler step) and its output_type="pt" decoding."""
+import copy
 import re
 
 import pytest
@@ -78,6 +79,27 @@ def test_prompt_embeddings_equal_the_pipeline_encode_prompt(backbone, cache):
     assert len(cache.cache[PROMPTS[1]]) == len(cleaned.encode()) + 1   # stored without padding (Deviation 6)
 
 
+def test_prompts_encoded_after_offload_join_the_cache_on_its_device(backbone):
+    """Issue 18 item 9. A CPU has no second real device, so "meta" stands for the accelerator: the cache is made
+    while the encoder sits there (its embeddings belong there); offloading then leaves the encoder on the CPU (a
+    meta module cannot be copied back, so the CPU copy is put in its place, which is what `.to("cpu")` amounts to),
+    and a prompt seen only now is encoded there. It must join the cache on the cache's device, so that a batch
+    mixing it with earlier prompts stacks; before the fix it stayed on the CPU and torch.stack failed."""
+    tiny = wan.load_backbone("tiny-wan", seed=0)
+    on_cpu = tiny.text_encoder
+    tiny.text_encoder = copy.deepcopy(on_cpu).to("meta")   # the "accelerator" the run starts on
+    cache = wan.PromptCache(tiny)
+    assert cache.device.type == "meta"
+    cache.cache["an earlier prompt"] = torch.zeros(5, 32, device="meta")   # as if encoded there before the offload
+    tiny.text_encoder = on_cpu                              # offload_encoders(): the encoder now runs on the CPU
+    cache.offload_encoders()
+    batch = cache(["an earlier prompt", PROMPTS[0]])
+    assert batch.embeds.device.type == "meta" and batch.embeds.shape == (2, 512, 32)
+    assert {e.device.type for e in cache.cache.values()} == {"meta"}
+    # The new prompt's rows, encoded on the CPU, are the ones the pipeline's encoder gives (only moved).
+    assert cache.cache[PROMPTS[0]].shape == wan._encode_prompts(backbone, [PROMPTS[0]])[0].shape
+
+
 def test_ode_rollout_with_cfg_equals_wan_pipeline_latents_and_frames(backbone, cache):
     K, shift, g = 4, backbone.shift, 5.0
     sigmas = sde.sigma_schedule(K, shift)
@@ -142,6 +164,41 @@ def test_lora_covers_every_attention_projection_in_the_blocks_and_nothing_else(c
     adapted = {n.split(".lora_")[0] for n in trainable}
     assert adapted == projections and len(trainable) == 2 * len(projections) == len(params)
     assert all(p.dtype == torch.float32 for p in params)
+
+
+@pytest.mark.parametrize("targets", ["attn", "attn_ffn"])
+def test_lora_targets_choose_the_attention_and_feed_forward_linears_of_the_blocks(targets):
+    """attn (the default, the regex runs and exports made before --lora_targets carry): the 8 projections of
+    attn1 and attn2 per block; attn_ffn: also exactly each block's FeedForward Linears (ffn.net.0.proj, ffn.net.2,
+    found by module type), and nothing outside the blocks (the text and time embedders have Linears too)."""
+    from diffusers.models.attention import FeedForward
+    assert wan.LORA_TARGETS["attn"] == r"blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+    tiny = wan.load_backbone("tiny-wan", seed=0)
+    model = tiny.transformer
+    attention = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                 and re.fullmatch(r"blocks\.\d+\.attn[12]\..*", n)}
+    ffn = {f"blocks.{i}.ffn.{n}" for i, block in enumerate(model.blocks) for n, m in block.ffn.named_modules()
+           if isinstance(block.ffn, FeedForward) and isinstance(m, torch.nn.Linear)}
+    assert len(ffn) == 2 * model.config.num_layers
+    params = wan.add_lora(model, rank=4, alpha=8, targets=targets)
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == (attention | ffn if targets == "attn_ffn" else attention)
+    assert len(params) == 2 * len(adapted) and all(p.dtype == torch.float32 for p in params)
+    assert model.peft_config["default"].target_modules == wan.LORA_TARGETS[targets]   # what exports record
+
+
+def test_attn_ffn_lora_gets_a_gradient_everywhere_so_nothing_needs_freezing(cache):
+    """With the feed-forward LoRA too, freeze_unreachable finds nothing (Wan drops no stream) and, with A and B
+    random (a step after B left 0), every LoRA tensor gets a nonzero gradient through the batched CFG velocity."""
+    tiny = wan.load_backbone("tiny-wan", seed=0)
+    params = wan.add_lora(tiny.transformer, rank=4, alpha=8, targets="attn_ffn")
+    assert wan.freeze_unreachable(tiny.transformer) == [] and all(p.requires_grad for p in params)
+    torch.manual_seed(7)
+    for p in params:
+        p.data.normal_(0, 0.1)
+    x, cond, uncond = torch.randn(2, 16, 2, 4, 4), cache(PROMPTS), cache.negative(2)
+    grads = torch.autograd.grad(wan.velocity(tiny.transformer, x, 0.6, cond, uncond, 5.0).square().mean(), params)
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_every_lora_and_every_full_parameter_gets_a_gradient_so_nothing_needs_freezing(cache):
