@@ -156,7 +156,11 @@ def main(args: argparse.Namespace) -> dict:
 
     rows = []
     for name, w in [("base", None), *zip(args.runs, weights)]:
-        model = base if w is None else export.load_policy(family, backbone, w)
+        try:
+            model = base if w is None else export.load_policy(family, backbone, w)
+        except ValueError as err:  # an adapter whose keys do not fit this transformer's layers
+            bar.close()  # the error gets a line of its own
+            raise ConfigError(f"--runs {name}: {err}") from None
         local = []
         for chunk in chunks:
             videos = sample.generate(family, backbone, model, cache, negative, [items[i] for i in chunk], settings,

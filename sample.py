@@ -18,7 +18,9 @@ Deviations / choices
 2. One writer for all videos (logs.save_videos): a GIF always, an MP4 beside it when imageio-ffmpeg is
    installed, so sample.py's files compare exactly with the run's own validation GIFs.
 3. Weights are bf16 under `--mixed_precision bf16` (accelerate's setting) and float32 otherwise, the rule of
-   train.py; sampling runs inside accelerate's autocast, as the prepared model does in training.
+   train.py, except a LoRA adapter, which holds the file's float32 values as in training (export.py
+   Deviations 5); sampling runs inside accelerate's autocast, as the prepared model does in training, so the
+   velocity is the training forward's bit for bit (tested on CPU, tests/test_export.py).
 4. Several processes split the videos (video k goes to process k mod P) and each writes its own files and
    its own contact sheet; nothing is gathered.
 5. `--batch_size` videos are sampled per call, so the stored trajectory and the decoded clips stay bounded;
@@ -121,8 +123,8 @@ def check(args: argparse.Namespace):
 
 
 def load(name: str, pretrained, weights: export.Weights | None, seed: int, accelerator):
-    """(family, backbone, policy transformer, weight dtype); the tiny models are drawn from the run's seed
-    (Deviations 1), the dtype follows accelerate's mixed precision (Deviations 3)."""
+    """(family, backbone, policy transformer); the tiny models are drawn from the run's seed (Deviations 1), the
+    dtype follows accelerate's mixed precision (Deviations 3)."""
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"--mixed_precision {accelerator.mixed_precision}: use bf16 or no (train.py's rule)")
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
@@ -130,7 +132,11 @@ def load(name: str, pretrained, weights: export.Weights | None, seed: int, accel
     family = backbones.module(name)
     backbone = family.load_backbone(name, pretrained or run.get("pretrained"), device=accelerator.device, dtype=dtype,
                                     seed=run.get("seed", seed))
-    policy = export.load_policy(family, backbone, weights) if weights is not None else backbone.transformer
+    try:
+        policy = export.load_policy(family, backbone, weights) if weights is not None else backbone.transformer
+    except ValueError as err:  # an adapter whose keys do not fit this transformer's layers
+        option = "--lora" if weights.kind == "lora" else "--transformer"
+        raise ConfigError(f"{option} {weights.source}: {err}") from None
     return family, backbone, policy
 
 

@@ -109,3 +109,33 @@ def test_bad_input_fails_before_any_model_loads(run, tmp_path, monkeypatch, caps
         script.cli([*args, "--output_dir", str(tmp_path)])
     assert exit_.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script", [sample, evaluate])
+def test_adapter_keys_that_fit_no_layer_are_a_usage_error(tmp_path, capsys, script):
+    """An adapter file in another key layout (kohya's lora_down / lora_up) passes resolve_weights' header check;
+    diffusers' loader then warns and leaves the gaussian-init adapter (B = 0: the base policy, silently).
+    export.load_policy refuses it, and the scripts say so in one line."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    family = backbones.module("tiny")
+    trained = family.load_backbone("tiny", seed=0)
+    family.add_lora(trained.transformer, rank=4, alpha=8)
+    ours = export.write_lora(trained.transformer, str(tmp_path / "ours"))
+    with safe_open(ours, "pt") as f:
+        metadata = f.metadata()
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v
+               for k, v in load_file(ours).items()}, str(foreign), metadata=metadata)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    args = (["--lora", str(foreign), "--prompt", PROMPTS[0]] if script is sample else
+            ["--runs", str(foreign), "--prompts", str(prompts), "--seeds", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        script.cli(["--backbone", "tiny", *args, "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.fullmatch(r"(sample|evaluate)\.py: error: --(lora|runs) \S+foreign.safetensors: .*32 adapter keys do not "
+                        r"name this transformer's LoRA layers .*", err.strip().splitlines()[-1]), err
