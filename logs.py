@@ -1,20 +1,34 @@
 """What a run writes as it goes: one row of metrics per iteration (every key defined in README "Metrics"),
-jsonl files that survive a crash, the metrics plot and the validation videos.
+jsonl files that survive a crash, the metrics plot, the validation videos and what the trackers receive.
 
-Files (all in the output folder)
+Files (all in the output folder; OUTPUTS lists them as patterns, which checkpoint.py records as the run's own)
+    config.json     the run's options and identity
     metrics.jsonl   one row per iteration, the source of truth for every plot and tracker
     samples.jsonl   per iteration, every sample's prompt, component scores, mixed reward and advantage
     profile.jsonl   with --profile, the per-phase table of profiling.py
+    metrics.png     the plot of metrics.jsonl: a fixed 3 x 2 grid of panels
+    samples/        the validation videos, base_<i> and step<NNNNNN>_<i> (.gif, and .mp4 with imageio-ffmpeg);
+                    other files there are not the run's and are left alone
+    tracker/, wandb/  the trackers' own files (TensorBoard, wandb)
 Every line is strict JSON: a non-finite number is written as null (it was reported where it arose, and the
 `health/*` counts say how often), never as NaN or Infinity, which JSON does not have.
 
 Deviations / choices
-1. A crash or a full disk during an append can leave a torn last line. Readers skip a torn *last* line with a
-   warning (the resume then rewrites the file without it); a bad line elsewhere is not a crash signature and
-   is an error.
+1. A crash or a full disk during an append can leave a torn last line; a power loss can also leave a damaged
+   line in the middle (data the disk never received). Readers skip every line that is not JSON with a warning
+   naming it (the resume then rewrites the file without it), so the run goes on without that row. A row can
+   only be lost that way before the checkpoint covering it exists: checkpoint.save fsyncs these files before it
+   seals a checkpoint. A resume that finds rows missing anyway (the file edited or damaged later) says which,
+   and which checkpoint re-makes them (a resumed run replays its steps bit for bit).
 2. Rewrites (the truncation to the resumed step, config.json, trainer_state.json) go through a temporary file,
    fsync and rename, so a crash leaves either the old or the new file, never half of one.
 3. Every row is built on every process (the reductions are collective calls) and written by the main one.
+4. After a resume the trackers receive only steps they have not received: those in metrics.jsonl before the
+   resume cut it back were sent already, and the resumed run replays them bit for bit, so skipping them loses
+   nothing (`History.logged_until`; the validation frames likewise). A step whose row the crash tore reaches a
+   tracker twice.
+5. A warning is printed on one line, `warning: [step N: ]message (file.py:line)`: Python's default adds the
+   source line that raised it, which for an f-string repeats the message (`one_line_warnings`).
 """
 from __future__ import annotations
 
@@ -27,6 +41,16 @@ import warnings
 import torch
 
 import rewards
+
+JSONL = ("metrics.jsonl", "samples.jsonl", "profile.jsonl")
+SAMPLES = "samples"                  # the validation videos (train.validation names them, save_videos writes them)
+TRACKERS = ("tracker", "wandb")      # train.TRACKER_RUN (TensorBoard) and wandb's folder: files the libraries name
+# What a run writes into its output folder, as fnmatch patterns relative to it; the folder part is literal.
+# checkpoint.py adds its own (checkpoints/, the final export) and records them all before the run writes.
+OUTPUTS = ("config.json", *JSONL, "metrics.png", "metrics.png.tmp.png",
+           *(f"{name}.tmp[0-9]*" for name in ("config.json", *JSONL)),  # write_text_atomic's temporary files
+           *(f"{SAMPLES}/{stem}_[0-9]*.{ext}" for stem in ("base", "step[0-9]*") for ext in ("gif", "mp4")),
+           *(f"{folder}/*" for folder in TRACKERS))
 
 
 def strict(value):
@@ -47,7 +71,7 @@ def append_jsonl(path: str, row: dict) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a jsonl file; a torn last line is reported and skipped (Deviations 1)."""
+    """The rows of a jsonl file; a line that is not JSON is reported and skipped (Deviations 1)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -59,10 +83,11 @@ def read_jsonl(path: str) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except ValueError:
-            if any(rest.strip() for rest in lines[i + 1 :]):
-                raise ValueError(f"{path}: line {i + 1} is not JSON and is not the last line; the file was edited "
-                                 f"or damaged by something other than a crash") from None
-            warnings.warn(f"{path}: skipping a torn last line (written when the run was interrupted)")
+            if any(rest.strip() for rest in lines[i + 1 :]):  # not a crash's torn append: a damaged file
+                warnings.warn(f"{path}: skipping line {i + 1}, which is not JSON (damaged, e.g. by a power loss "
+                              f"or an edit); the row it held is lost")
+            else:
+                warnings.warn(f"{path}: skipping a torn last line (written when the run was interrupted)")
     return rows
 
 
@@ -82,11 +107,17 @@ def write_json(path: str, obj) -> None:
 
 def truncate_jsonl(path: str, last_step: int) -> list[dict]:
     """Keeps the rows of steps <= last_step (a resume replays the rest) and returns them."""
+    return _truncate(path, last_step)[1]
+
+
+def _truncate(path: str, last_step: int) -> tuple[list[dict], list[dict]]:
+    """(every row the file held, the rows kept), the file rewritten with the kept ones."""
     if not os.path.exists(path):
-        return []
-    rows = [r for r in read_jsonl(path) if r["step"] <= last_step]
-    write_text_atomic(path, "".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in rows))
-    return rows
+        return [], []
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r["step"] <= last_step]
+    write_text_atomic(path, "".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in kept))
+    return rows, kept
 
 
 def training_row(accelerator, step: int, lr: float, lam: float, anchor, all_scores, all_mixed, all_A, stats: list,
@@ -116,21 +147,41 @@ def training_row(accelerator, step: int, lr: float, lam: float, anchor, all_scor
     return row
 
 
-def start(accelerator, paths: dict, start_step: int, config_path: str, config: dict) -> list[dict]:
+class History(list):
+    """The metrics rows of the run so far (the plot's data) and `logged_until`, the last step the trackers have
+    already received (Deviations 4)."""
+
+    def __init__(self, rows=(), logged_until: int = 0):
+        super().__init__(rows)
+        self.logged_until = logged_until
+
+
+def start(accelerator, paths: dict, start_step: int, config_path: str, config: dict) -> History:
     """At the start of a run or a resume: config.json written, every jsonl file cut back to the resumed step (the
-    rest is replayed). Returns the metrics rows kept (the plot's history)."""
-    history = []
+    rest is replayed). Returns the metrics rows kept (the plot's history), with the last step the trackers got."""
+    history = History()
     if accelerator.is_main_process:  # [dist]
         write_json(config_path, config)
-        history = [truncate_jsonl(path, start_step) for path in paths.values()][0]  # paths["metrics"] first
+        cut = {name: _truncate(path, start_step) for name, path in paths.items()}
+        rows, kept = cut["metrics"]
+        # the rows beyond start_step were sent to the trackers before the crash; the replay recomputes them
+        history = History(kept, logged_until=max((r["step"] for r in rows), default=0))
+        steps = {r["step"] for r in kept}
+        missing = [s for s in range(min(steps, default=start_step + 1), start_step + 1) if s not in steps]
+        if missing:  # Deviations 1: only an edit or a damaged disk can do this; say how to get them back
+            warnings.warn(f"{paths['metrics']}: no row for step(s) {', '.join(map(str, missing))}, which the resumed "
+                          f"checkpoint (step {start_step}) covers; they stay missing. To re-make them, resume from a "
+                          f"checkpoint of step {missing[0] - 1} or earlier (--resume_from_checkpoint <folder>)")
     return history
 
 
-def write_step(accelerator, paths: dict, history: list, row: dict, samples: dict, max_steps: int) -> None:
-    """One iteration's records: the per-sample line, the metrics row (also to the trackers) and, every 10 steps,
-    at validation and at the end, the plot. Main process only; the trackers get the finite numbers."""
-    accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))  # [dist]
-                     and math.isfinite(v)}, step=row["step"])
+def write_step(accelerator, paths: dict, history: History, row: dict, samples: dict, max_steps: int) -> None:
+    """One iteration's records: the per-sample line, the metrics row (also to the trackers, unless they have this
+    step already: Deviations 4) and, every 10 steps, at validation and at the end, the plot. Main process only;
+    the trackers get the finite numbers."""
+    if row["step"] > history.logged_until:
+        accelerator.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))  # [dist]
+                         and math.isfinite(v)}, step=row["step"])
     if not accelerator.is_main_process:  # [dist]
         return
     append_jsonl(paths["samples"], samples)
@@ -145,35 +196,57 @@ def tracker_config(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
 
 
-def plot_metrics(rows: list[dict], path: str) -> None:
+PANELS = [("reward", ["reward/mixed", "reward/visual", "reward/temporal", "reward/semantic"]),
+          ("KL", ["kl/pos", "kl/vel", "train/approx_kl"]),
+          ("clip fraction", ["train/clipfrac_high", "train/clipfrac_low"]),
+          ("grad norm", ["train/grad_norm"]),
+          ("curriculum weights", ["curriculum/w_visual", "curriculum/w_temporal", "curriculum/w_semantic"]),
+          ("validation (ODE) vs base", ["val/total", "val/base_total"])]
+PLOT_SIZE = (12.0, 7.0)  # inches at PLOT_DPI: 1200 x 700 pixels whatever the run length
+PLOT_DPI = 100
+
+
+def metrics_figure(rows: list[dict]):
+    """The panels of PANELS as a 3 x 2 grid of fixed size. Every tick label carries its own value ('%.4g'): no
+    shared offset or '1e-9' multiplier above the axis, which collided with the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    panels = [("reward", ["reward/mixed", "reward/visual", "reward/temporal", "reward/semantic"]),
-              ("KL", ["kl/pos", "kl/vel", "train/approx_kl"]), ("grad norm", ["train/grad_norm"]),
-              ("curriculum weights", ["curriculum/w_visual", "curriculum/w_temporal", "curriculum/w_semantic"]),
-              ("validation (ODE) vs base", ["val/total", "val/base_total"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for ax, (title, keys) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 3, figsize=PLOT_SIZE)
+    for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), label=key.split("/")[-1], marker="." if title.startswith("val") else None)
-        ax.set_title(title), ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
         if ax.lines:
             ax.legend(fontsize=7)
-    # fixed margins: tight_layout measures every tick label, a large part of a plot's cost
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.91, wspace=0.3)
+    # fixed margins, wide enough for '%.4g' labels and a title per row: tight_layout measures every tick
+    # label, a large part of a plot's cost
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.95, wspace=0.28, hspace=0.38)
+    return fig
+
+
+def plot_metrics(rows: list[dict], path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(rows)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80), plt.close(fig)
+    fig.savefig(tmp, dpi=PLOT_DPI), plt.close(fig)
     os.replace(tmp, path)
 
 
-def save_validation(accelerator, videos, names: list[str], fps: int) -> None:
+def save_validation(accelerator, videos, names: list[str], fps: int, logged_until: int = 0) -> None:
     """This process's validation videos as files, and (main process) to the trackers: wandb gets the videos,
-    TensorBoard a strip of each video's first, middle and last frame (its add_video needs moviepy)."""
+    TensorBoard a strip of each video's first, middle and last frame (its add_video needs moviepy). The trackers
+    get nothing for a step <= logged_until, which they received before a resume (Deviations 4)."""
     if videos is None:
         return
     os.makedirs(os.path.dirname(names[0]), exist_ok=True)
@@ -183,6 +256,8 @@ def save_validation(accelerator, videos, names: list[str], fps: int) -> None:
     for tracker in accelerator.trackers:
         for video, name in zip(videos, names):
             tag, step = "val/" + os.path.basename(name), _step_of(name)
+            if step and step <= logged_until:  # a replayed validation (base_<i> is never replayed)
+                continue
             frames = (video.clamp(0, 1) * 255).round().byte().cpu()  # (F, 3, H, W)
             if tracker.name == "wandb":
                 import wandb
@@ -212,10 +287,23 @@ def save_videos(videos: torch.Tensor, paths: list[str], fps: int) -> None:
             pass
 
 
+def one_line(message, filename: str, lineno: int, step: int | None = None) -> str:
+    """`warning: [step N: ]message (file.py:line)`: one line per warning (Deviations 5)."""
+    where = f"step {step}: " if step is not None else ""
+    return f"warning: {where}{message} ({os.path.basename(filename)}:{lineno})"
+
+
+def one_line_warnings() -> None:
+    """Every warning of this process printed by one_line, also those raised outside an iteration (a checkpoint
+    that `latest` skips, a torn jsonl line): Python's default adds the source line, which repeats the message."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: \
+        one_line(message, filename, lineno) + "\n"
+
+
 class StepWarnings:
-    """Reports every warning raised during one iteration with that iteration's number, however often the same
-    text repeats (Python's default filter prints a given text once per call site, so a NaN reward on step 40
-    would vanish after the one on step 3). Counts them for the metrics row."""
+    """Reports every warning raised during one iteration with that iteration's number, on one line each, however
+    often the same text repeats (Python's default filter prints a given text once per call site, so a NaN reward
+    on step 40 would vanish after the one on step 3). Counts them for the metrics row."""
 
     def __init__(self, step: int):
         self.step, self.count = step, 0
@@ -230,6 +318,5 @@ class StepWarnings:
         self._catcher.__exit__(*exc)
         for w in self._caught:  # also when the iteration failed: what it warned about may explain why
             self.count += 1
-            print(f"warning: step {self.step}: {w.message} ({os.path.basename(w.filename)}:{w.lineno})",
-                  file=sys.stderr, flush=True)
+            print(one_line(w.message, w.filename, w.lineno, self.step), file=sys.stderr, flush=True)
         return False
