@@ -66,6 +66,9 @@ Deviations / choices
 2. cps uses the full Gaussian log-density (SPEC §2 choice); the reference CPS code drops the constants
    and the 1 / (2 s^2) factor, which changes the scale of the ratio but not its sign.
 3. The equalizer takes the median over stochastic steps only and gives deterministic steps S_t = 0.
+   The median is torch.median, the lower of the two middle values for an even count, as in [SAGE]'s
+   scheduler code (torch.median too), not the mean of the two: with a window of W = 2 steps the weights
+   are [1, N_small / N_large] (e.g. [1.0, 0.60]), not [1.33, 0.80]. The two differ by one constant factor.
    It is computed in float64 from the float64 V_t: rounding V to float32 first, as an earlier version
    did, put a 1.8e-4 relative error into cps's S_t at eta = 1 through sqrt(sigma_{t+1}^2 - V).
 4. `generator` may be one torch.Generator or a list of N (one per sample), so that a sample's noise
@@ -268,7 +271,7 @@ def equalizer_weights(sigmas: torch.Tensor, kind: str, eta: float, window: torch
         N = dmu_dv.abs()[stochastic] / V[stochastic].sqrt()
         # Normalised by the median, not the mean, so one extreme step cannot rescale all the others, and a
         # typical step keeps weight ~1 (the learning rate keeps its meaning).
-        S[stochastic] = N.median() / N  # [SAGE] Eq. 9
+        S[stochastic] = N.median() / N  # [SAGE] Eq. 9; the lower median for an even count, as [SAGE]'s code
     return S.float()
 
 

@@ -230,3 +230,17 @@ def test_cps_at_eta_one_keeps_no_old_noise():
     x, v = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     mu, std = sde.step_mean_std(x, v, 0.7, 0.4, "cps", 1.0)
     assert torch.allclose(mu, 0.6 * (x - 0.7 * v), atol=1e-6) and std.item() == pytest.approx(0.4, rel=1e-6)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_equalizer_median_is_the_lower_middle_value_as_in_sage_code(width):
+    """Deviations 3: S_t = median(N) / N_t with torch.median, the lower of the two middle values for an even
+    count ([SAGE]'s code), so exactly one window step has weight 1 and (W - 1) // 2 steps (those with a smaller
+    N_t) weigh more than 1. The mean of the two middle values would give no weight exactly 1 at even W."""
+    sigmas = sde.sigma_schedule(20, 5.0)
+    stochastic = sde.step_variances(sigmas, "sage", 0.5) > 0
+    window = sde.window_mask(stochastic, 3, width)
+    S = sde.equalizer_weights(sigmas, "sage", 0.5, window)[window].double()
+    assert (S == 1).sum() == 1 and (S > 1).sum() == (width - 1) // 2
+    N = 1 / S  # N_t up to the common factor median(N)
+    assert torch.allclose(N.sort().values[(width - 1) // 2], torch.tensor(1.0, dtype=torch.float64))
