@@ -306,7 +306,7 @@ def compare_optimizers(params, rounds_n: int, device, mode: str) -> dict | str:
     for p in params:
         p.grad = 1e-3 * torch.randn(p.shape, generator=g, device=device, dtype=p.dtype)
     try:
-        optimizers = {name: train.make_optimizers(params, name, 3e-4, 1e-4) for name in ("adamw", "muon")}
+        optimizers = {name: train.make_optimizers(params, name=name, lr=3e-4, weight_decay=1e-4) for name in ("adamw", "muon")}
 
         def step_s(name):
             sync(device)
@@ -353,7 +353,7 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
         family.enable_gradient_checkpointing(model)
     else:
         model.disable_gradient_checkpointing()
-    optimizers = train.make_optimizers(params, "adamw", 3e-4, 1e-4)
+    optimizers = train.make_optimizers(params, name="adamw", lr=3e-4, weight_decay=1e-4)
     anchor = trust_region.MovingAnchor(model, anchor_every=0)
     anchor.step()   # one update behind: the anchor pass runs (Choices 6)
     timer = profiling.PhaseTimer(model, device, profile=True)
@@ -487,7 +487,7 @@ def measure(args, family, model, params, velocity_fn, x_T, gens, sigmas, per_vid
     """Rollout of G videos, then the training variants (the first is the headline figure) for `params`, then
     with `compile_last` the first variant again without and with compile_repeated_blocks."""
     G, K = x_T.shape[0], len(sigmas) - 1
-    optimizers = train.make_optimizers(params, "adamw", 3e-4, 1e-4)
+    optimizers = train.make_optimizers(params, name="adamw", lr=3e-4, weight_decay=1e-4)
     out = {}
     # 2. rollout: K steps of G videos, batched CFG
     model.eval()

@@ -57,7 +57,9 @@ Deviations / choices
 11. Every collective call waits at most `--dist_timeout` seconds (default 600) for the other processes, so a
     hung or dead peer stops the run in bounded time instead of torch's 30 minutes. The longest a process may
     legitimately wait is one phase of imbalance between processes or the main process's checkpoint save
-    and validation videos; raise it if those take longer on your cluster.
+    and validation videos; raise it if those take longer on your cluster. A timed-out collective, or a peer whose
+    connection closed (killed, crashed), ends the process with one line that names the peer where it can (with two
+    processes, the other one) and says how to resume, exit status 1, not the backend's pages of traceback.
 12. An update in which no sample carries signal (every advantage of the batch is 0, e.g. all groups dropped
     or zero-spread, and no KL term acts) is skipped like a non-finite one and counted: AdamW's momentum and
     weight decay would otherwise move the weights by about the learning rate with no signal at all.
@@ -66,9 +68,12 @@ Deviations / choices
 14. Full fine-tuning keeps the transformer's weights in float32 under bf16 mixed precision (autocast computes
     in bf16): an AdamW update below 1/256 of a bf16 weight would round away (lr 5e-6 / 1e-5). FSDP2 and
     DeepSpeed keep fp32 master weights themselves. LoRA weights are float32 always (backbones.add_lora).
-15. `--optimizer muon` follows the [SAGE] code: torch.optim.Muon (Newton-Schulz orthogonalised momentum) for
-    every 2-D trainable matrix (all LoRA matrices; in full fine-tuning the linear weights) and AdamW for the
-    rest (biases, norms, embeddings' vectors), each with its own LR schedule, saved and restored by
+15. `--optimizer muon` follows [SAGE]'s choice of optimizer, with torch.optim.Muon (Newton-Schulz
+    orthogonalised momentum) where [SAGE]'s code builds its own Muon (`hyvideo.optim.muon`). Muon takes the
+    hidden matrices: every LoRA matrix, and in full fine-tuning the 2-D weights inside the transformer blocks
+    (`hidden_matrices`); AdamW takes the rest: biases, norms, the patch, text and time embedders, the
+    `nn.Embedding`s and the output layer `proj_out`, as Muon's authors prescribe ([SAGE]'s code splits by
+    ndim >= 2 and so puts the embedders on Muon too). Each has its own LR schedule, saved and restored by
     accelerate. Muon's update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so
     `--learning_rate` keeps its meaning. It runs with DDP and on one process; it is refused under FSDP
     (Muon would orthogonalise each process's shard, not the matrix) and DeepSpeed (one engine optimizer).
@@ -77,9 +82,15 @@ Deviations / choices
     worker threads while holding the GIL, and a worker that still owns the last all_gather's Python tensors
     needs the GIL to free them, a deadlock at exit seen in about 1 of 6 two-process CPU runs (native stacks
     taken with py-spy). Checkpoints, exports and logs are complete and flushed before; trackers are finished.
+17. CPU threads (train.py, sample.py, evaluate.py; `set_cpu_threads`): without CUDA and without OMP_NUM_THREADS,
+    a process takes min(cores / local processes, cores - the 1-minute load average) threads, at least one, and
+    says so. torch's default, one thread per core, is 5x slower per forward of the tiny transformer when one
+    other process is busy on a 2-core machine (54 vs 11 ms), while a second thread gains 1.2x (tiny) to 1.9x
+    (`small`) on idle cores. OMP_NUM_THREADS, when set, decides.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -87,7 +98,6 @@ import re
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Optional
@@ -102,6 +112,7 @@ from transformers import HfArgumentParser
 import backbones
 import checkpoint
 import curriculum
+import export
 import grpo
 import logs
 import profiling
@@ -119,6 +130,9 @@ class Config:
     full: bool = field(default=False, metadata={"help": "full fine-tuning instead of LoRA ([SAGE] trains all weights)"})
     lora_rank: int = field(default=32, metadata={"help": "[FlowGRPO] r = 32"})
     lora_alpha: int = field(default=64, metadata={"help": "[FlowGRPO] alpha = 64"})
+    lora_targets: str = field(default="attn", metadata={
+        "help": "attn: the DiT blocks' attention projections; attn_ffn: also their feed-forward layers (Flow-Factory's "
+                "Wan default, DiffSynth-Studio), which hold most of a block's weights"})
     gradient_checkpointing: Optional[bool] = field(default=None, metadata={
         "help": "default: on for hunyuan15; a bare flag means True", "nargs": "?", "const": True})
     checkpointed_blocks: Optional[int] = field(default=None, metadata={
@@ -152,6 +166,10 @@ class Config:
     sde_window_start: str = field(default="random", metadata={
         "help": "where the window sits: 'random' (per iteration, the same for the whole batch), 'sliding' (from high "
                 "to low noise over --max_steps, MixGRPO) or a fixed index among the stochastic steps"})
+    sde_window_range: Optional[str] = field(default=None, metadata={
+        "help": "A,B: a 'random' or 'sliding' window lies within stochastic steps A..B-1; default: the first half "
+                "(at least W steps), as FlowGRPO-Fast's configs set sde_window_range, where the step noise is large "
+                "enough for a group to differ"})
     shared_prefix: bool = field(default=False, metadata={
         "help": "with --sde_window: the G videos of a prompt share x_T, so the ODE prefix before the window runs once "
                 "per group ([SAGE] draws x_T per video: off)"})
@@ -163,7 +181,7 @@ class Config:
     kl_start: float = field(default=1e-7, metadata={"help": "lambda_KL stage 1 ([SAGE])"})
     kl_end: float = field(default=1e-5, metadata={"help": "lambda_KL stage 2 ([SAGE])"})
     kl_ramp_steps: int = field(default=100, metadata={"help": "optimizer updates over which lambda_KL ramps"})
-    updates_per_rollout: int = field(default=1, metadata={"help": "optimizer steps fed by one rollout batch (Deviations 3)"})
+    updates_per_rollout: int = field(default=1, metadata={"help": "optimizer steps fed by one rollout batch (train.py Deviations 3)"})
     # reward (SPEC §6)
     reward: Optional[str] = field(default=None, metadata={
         "help": "'videoalign' (default of the real backbones), 'vlm' (a Qwen2.5-VL judge, [SPG]) or 'proxy' (CPU ones)"})
@@ -184,7 +202,7 @@ class Config:
         "help": "default 3e-4 LoRA ([FlowGRPO]); full: the preset's ([SAGE] 1e-5, [SPG] Wan2.1-1.3B 5e-6)"})
     optimizer: str = field(default="adamw", metadata={
         "help": "adamw, or muon: torch.optim.Muon for the 2-D weight matrices and AdamW for the rest (the [SAGE] "
-                "code's default); Deviations 15"})
+                "code's default); train.py Deviations 15"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay ([FlowGRPO] 1e-4; the [SAGE] code's Muon 0.01)"})
     lr_scheduler: str = field(default="constant", metadata={
         "help": "diffusers.optimization schedule over the optimizer updates: constant (the papers'), constant_with_warmup, "
@@ -208,7 +226,7 @@ class Config:
     profile: bool = field(default=False, metadata={"help": "print a per-phase time / model-call table (README)"})
     dist_timeout: int = field(default=600, metadata={
         "help": "seconds a process waits for its peers at a collective call before the run stops with an error "
-                "(Deviations 11)"})
+                "(train.py Deviations 11)"})
 
 
 TRAIN_PROMPTS = ["a red ball bouncing on green grass", "a blue car driving through a city at night",
@@ -253,15 +271,21 @@ def parse_floats(text: str, n: int, option: str, low: float = 0.0, high: float =
 TRACKER_RUN = "tracker"  # trackers write under <output_dir>/tracker (tensorboard) or their own folder (wandb)
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LORA_TARGETS = ("attn", "attn_ffn")  # the families' LORA_TARGETS keys (hunyuan.py, wan.py)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's big-model placements
 # One rule per numeric option: (options, test, what the value must be). NaN fails every comparison.
 RULES = [
     (("num_steps", "group_size", "batch_size", "micro_batch_size", "lora_rank", "reward_batch_size", "max_steps",
-      "checkpoints_total_limit", "fps", "num_frames", "height", "width", "updates_per_rollout", "dist_timeout"),
+      "checkpoints_total_limit", "fps", "num_frames", "height", "width", "updates_per_rollout"),
      lambda v: v >= 1, "an integer >= 1"),
-    (("checkpointing_steps", "validation_steps", "anchor_every", "kl_ramp_steps", "seed", "lr_warmup_steps"),
+    (("checkpointing_steps", "validation_steps", "anchor_every", "kl_ramp_steps", "lr_warmup_steps"),
      lambda v: v >= 0, "an integer >= 0 (0 switches it off where that makes sense, see --help)"),
-    (("eta", "learning_rate", "clip_range", "adv_clip", "max_grad_norm", "curriculum_k", "lora_alpha", "shift"),
+    (("seed",), lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1 (numpy's seed range; every seed derives from it)"),
+    # torch keeps the timeout in milliseconds as a C++ integer: 1e14 s overflows it. A week is past any real wait.
+    (("dist_timeout",), lambda v: 1 <= v <= 7 * 24 * 3600, "a number of seconds in 1..604800 (one week)"),
+    # A learning rate above 1 is a typo (1e308 made an all-NaN adapter); the papers use 5e-6 (full) to 3e-4 (LoRA).
+    (("learning_rate",), lambda v: 0 < v <= 1, "a number in (0, 1] (the papers: 5e-6 to 3e-4)"),
+    (("eta", "clip_range", "adv_clip", "max_grad_norm", "curriculum_k", "lora_alpha", "shift"),
      lambda v: 0 < v < math.inf, "a finite number > 0"),
     (("beta_pos", "beta_vel", "kl_start", "kl_end", "weight_decay", "curriculum_beta", "guidance"),
      lambda v: 0 <= v < math.inf, "a finite number >= 0"),
@@ -323,8 +347,13 @@ def resolve(cfg: Config) -> Config:
             cfg.sde_window_start.isdecimal() and int(cfg.sde_window_start) <= k_stochastic - cfg.sde_window):
         raise ConfigError(f"--sde_window_start {cfg.sde_window_start!r}: 'random', 'sliding' or an index in "
                           f"0..{k_stochastic - cfg.sde_window}")
+    cfg = replace(cfg, sde_window_range=window_range(cfg, k_stochastic))
     if cfg.shared_prefix and not cfg.sde_window:
         raise ConfigError("--shared_prefix needs --sde_window W > 0 (without a window there is no ODE prefix to share)")
+    if cfg.lora_targets not in LORA_TARGETS:
+        raise ConfigError(f"--lora_targets {cfg.lora_targets!r}: choose one of {LORA_TARGETS}")
+    if cfg.full and cfg.lora_targets != "attn":
+        raise ConfigError(f"--lora_targets {cfg.lora_targets} chooses LoRA layers; --full trains every weight")
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"--optimizer {cfg.optimizer!r}: choose adamw or muon")
     k_train = math.ceil(cfg.timestep_fraction * (cfg.sde_window or k_stochastic))
@@ -377,11 +406,11 @@ def main(cfg: Config) -> list[dict]:
     train_prompts, val_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS, "--prompts"), validation_prompt_list(cfg)
     identity = checkpoint.run_identity(cfg, world, accelerator.mixed_precision, train_prompts, val_prompts)
     resume = checkpoint.claim_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, identity)
-    if cfg.overwrite_output_dir and accelerator.is_main_process:  # [dist]
-        checkpoint.clear_run(cfg.output_dir)
-    accelerator.wait_for_everyone()  # [dist] nobody writes before the old run is gone
+    if accelerator.is_main_process:  # [dist] --overwrite_output_dir: the old run's own files go; then the record of
+        checkpoint.record_run(cfg.output_dir, cfg.overwrite_output_dir)  # what this run writes, before it writes
+    accelerator.wait_for_everyone()  # [dist] nobody writes before the old run is gone and the record is written
     set_seed(cfg.seed)  # model init of the tiny backbones and LoRA; rollouts use their own generators
-    weight_dtype = {"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = weight_dtype_of(accelerator)
     family = backbones.module(cfg.backbone)  # hunyuan.py or wan.py: the same functions (backbones.py)
     backbone = family.load_backbone(cfg.backbone, cfg.pretrained, device=device, dtype=weight_dtype, seed=cfg.seed)
     latent = family.latent_shape(backbone, cfg.num_frames, cfg.height, cfg.width)  # (C, F', H', W')
@@ -411,8 +440,8 @@ def main(cfg: Config) -> list[dict]:
                               init_kwargs={"wandb": {"dir": cfg.output_dir}})
 
     velocity_fn = lambda embeds: backbones.velocity_fn(family, model, embeds, negative, cfg.guidance)  # CFG inside
-    validate = lambda tag: validation(tag, cfg, accelerator, family, backbone, model, text, negative, val_prompts,
-                                      latent, sigmas, scorer)  # the ODE videos of the validation prompts, scored
+    validate = lambda tag, logged_until=0: validation(tag, cfg, accelerator, family, backbone, model, text, negative,
+                                                      val_prompts, latent, sigmas, scorer, logged_until)  # scored
 
     # ---- resume: the newest complete checkpoint, or a fresh start -----------------------------------
     state = checkpoint.load(resume, accelerator, model, anchor, cur, identity, cfg.full,
@@ -433,7 +462,7 @@ def main(cfg: Config) -> list[dict]:
         t_step = time.perf_counter()
         timer.reset()
         model.eval()  # no dropout anywhere, but be explicit: rollout and training forwards must agree
-        with logs.StepWarnings(step + 1), dist_errors(cfg.dist_timeout, world):
+        with logs.StepWarnings(step + 1):
             # 1. sample: this process's prompts (whole groups), one noise stream per sample (Deviations 2)
             with timer("rollout"):
                 prompts = local_prompts(train_prompts, cfg, step, rank, world)  # (N,) groups consecutive
@@ -483,8 +512,10 @@ def main(cfg: Config) -> list[dict]:
                           "dropped_groups": int((~torch.isfinite(all_mixed)).view(-1, cfg.group_size).any(1).sum())}
                 row = logs.training_row(accelerator, step + 1, lr, lam, anchor, all_scores, all_mixed, all_A, stats,
                                         grad_norms, cstats, diagnostics, timer.wall, health)
+                if cfg.sde_window:  # where this iteration's window sat: its first denoising step t
+                    row["sde/window_start"] = int(window.nonzero()[0])
                 if cfg.validation_steps and ((step + 1) % cfg.validation_steps == 0 or step + 1 == cfg.max_steps):
-                    val = validate(f"step{step + 1:06d}")
+                    val = validate(f"step{step + 1:06d}", history.logged_until)  # a replayed one: not re-sent
                     row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
                 logs.write_step(accelerator, paths, history, row, {  # per-sample record, all processes
                     "step": step + 1, "prompt": gather_object(prompts), "scores": all_scores.tolist(),  # [dist]
@@ -500,6 +531,10 @@ def main(cfg: Config) -> list[dict]:
     checkpoint.export_final(accelerator, model, cfg.output_dir, cfg.full)  # [dist] diffusers' format, at the root
     for tracker in accelerator.trackers:  # [dist] end_training() without destroying the process group (Deviations 16)
         tracker.finish()
+    accelerator.print(f"done: {cfg.max_steps} steps in {cfg.output_dir}: the policy ("
+                      f"{export.TRANSFORMER + '/' if cfg.full else export.LORA_FILE + ', ' + export.PEFT + '/'}), metrics.jsonl, metrics.png, "
+                      f"samples/, {checkpoint.CHECKPOINTS}/. Videos: python sample.py --backbone {cfg.backbone} "
+                      f"--{'transformer' if cfg.full else 'lora'} {cfg.output_dir} --prompt '...' --output_dir <folder>")
     return history
 
 
@@ -565,12 +600,13 @@ def prepare_training(cfg: Config, accelerator, family, model, k_train: int):
     """What is trained (LoRA or all weights), how (checkpointing, AdamW, the LR schedule) and `prepare`."""
     if cfg.full and next(model.parameters()).dtype != torch.float32:  # Deviations 14: fp32 master weights
         model.float()
-    params = family.add_lora(model, cfg.lora_rank, cfg.lora_alpha) if not cfg.full else list(model.requires_grad_(True).parameters())
+    params = family.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if not cfg.full else list(model.requires_grad_(True).parameters())
     family.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
     params = [p for p in params if p.requires_grad]
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(model, cfg.checkpointed_blocks)
-    optimizers = make_optimizers(params, cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    optimizers = make_optimizers(params, name=cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 muon_params=hidden_matrices(model, family.BLOCK_CLASS))
     schedulers = [get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                 num_training_steps=cfg.max_steps * cfg.updates_per_rollout)  # in optimizer updates
                   for optimizer in optimizers]
@@ -588,26 +624,57 @@ def prepare_training(cfg: Config, accelerator, family, model, k_train: int):
     return model, optimizers, schedulers, [p for p in model.parameters() if p.requires_grad]  # [dist] FSDP's tensors
 
 
-def make_optimizers(params: list, name: str, lr: float, weight_decay: float) -> list:
-    """AdamW, or Muon for the 2-D weight matrices and AdamW for the rest (Deviations 15)."""
+def make_optimizers(params: list, *, name: str, lr: float, weight_decay: float, muon_params: Optional[list] = None) -> list:
+    """AdamW, or Muon for `muon_params` (default: every 2-D parameter) and AdamW for the rest (Deviations 15)."""
     if name == "adamw":
         return [torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)]
-    matrices, rest = [p for p in params if p.dim() == 2], [p for p in params if p.dim() != 2]
+    chosen = {id(p) for p in (muon_params if muon_params is not None else params) if p.dim() == 2}
+    matrices, rest = [p for p in params if id(p) in chosen], [p for p in params if id(p) not in chosen]
     # match_rms_adamw scales each update to AdamW's RMS, so one --learning_rate means the same for both parts
     optimizers = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")]
     return optimizers + ([torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay)] if rest else [])
 
 
+def hidden_matrices(model, block_class: str) -> list:
+    """The trainable 2-D weights inside the transformer's repeated blocks (the family's BLOCK_CLASS): what Muon
+    takes. Embeddings (text, time, condition type), the input patchifier and the output projection stay on AdamW,
+    as Muon's authors prescribe for the first and last layers (Deviations 15)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == block_class]
+    return [p for block in blocks for p in block.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def window_range(cfg: Config, k_stochastic: int) -> Optional[str]:
+    """The resolved --sde_window_range 'A,B' (stochastic steps A..B-1) of a 'random' or 'sliding' window, checked;
+    None where no range applies (no window, or a fixed start, which is its own range)."""
+    movable = cfg.sde_window and cfg.sde_window_start in ("random", "sliding")
+    if not movable:
+        if cfg.sde_window_range is not None:
+            raise ConfigError(f"--sde_window_range {cfg.sde_window_range!r} applies to --sde_window W > 0 with "
+                              f"--sde_window_start random or sliding; a fixed start is its own range")
+        return None
+    if cfg.sde_window_range is None:  # the first half, where the step noise is large (issue: a late window
+        # gives a group almost no reward spread: at K = 20 the step std falls from 0.66 to 0.05)
+        return f"0,{max(cfg.sde_window, math.ceil(k_stochastic / 2))}"
+    a, b = parse_floats(cfg.sde_window_range, 2, "--sde_window_range", 0, k_stochastic)
+    if a != int(a) or b != int(b) or b - a < cfg.sde_window:
+        raise ConfigError(f"--sde_window_range {cfg.sde_window_range!r}: two step indices A,B with 0 <= A, A + "
+                          f"--sde_window {cfg.sde_window} <= B <= {k_stochastic} (the stochastic steps)")
+    return f"{int(a)},{int(b)}"
+
+
 def sde_window(cfg: Config, stochastic: torch.Tensor, step: int) -> torch.Tensor:
-    """(K,) bool: the steps that are stochastic (and trained) in iteration `step` (sde.py Deviations 5)."""
+    """(K,) bool: the steps that are stochastic (and trained) in iteration `step` (sde.py Deviations 5). A
+    'random' or 'sliding' window stays inside --sde_window_range (stochastic steps A..B-1)."""
     if not cfg.sde_window:
         return stochastic
-    last = int(stochastic.sum()) - cfg.sde_window  # the largest start
-    if cfg.sde_window_start == "random":  # seeded by (seed, step): the same on every process and after a resume
-        g = torch.Generator().manual_seed(backbones.derive_seed(cfg.seed, step, "window"))
-        start = int(torch.randint(last + 1, (1,), generator=g))
-    elif cfg.sde_window_start == "sliding":  # MixGRPO: from the noisiest steps to the cleanest over the run
-        start = min(last, step * (last + 1) // cfg.max_steps)
+    if cfg.sde_window_start in ("random", "sliding"):
+        first, end = (int(x) for x in cfg.sde_window_range.split(","))
+        last = end - cfg.sde_window  # the largest start inside the range
+        if cfg.sde_window_start == "random":  # seeded by (seed, step): the same on every process and after a resume
+            g = torch.Generator().manual_seed(backbones.derive_seed(cfg.seed, step, "window"))
+            start = first + int(torch.randint(last - first + 1, (1,), generator=g))
+        else:  # MixGRPO: from the noisiest steps of the range to its cleanest over the run
+            start = first + min(last - first, step * (last - first + 1) // cfg.max_steps)
     else:
         start = int(cfg.sde_window_start)
     return sde.window_mask(stochastic, start, cfg.sde_window)
@@ -619,7 +686,8 @@ def score(scorer, videos, prompts, cfg: Config, device):
     return scores.to(device), {k: v.to(device) for k, v in diagnostics.items()}
 
 
-def validation(tag, cfg, accelerator, family, backbone, model, text, negative, prompts, latent, sigmas, scorer) -> dict:
+def validation(tag, cfg, accelerator, family, backbone, model, text, negative, prompts, latent, sigmas, scorer,
+               logged_until: int = 0) -> dict:
     """ODE videos of the validation prompts (the same noise at every validation: prompt i's comes from
     (seed, VALIDATION, i), as in sample.py), split over the processes; saved, logged to the trackers, scored.
     Returns the mean scores over all of them: `total` (equal weights, comparable across curriculum stages)
@@ -637,7 +705,8 @@ def validation(tag, cfg, accelerator, family, backbone, model, text, negative, p
         videos = family.decode(backbone, traj.latents[:, -1])[: len(mine)]  # (n, F, 3, H, W), padding dropped
     s = score(scorer, videos, [prompts[i] for i in mine], cfg, device)[0].tolist() if mine else []
     logs.save_validation(accelerator, videos if mine else None,
-                         [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine], cfg.fps)
+                         [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine], cfg.fps,
+                         logged_until=logged_until)  # the trackers have the frames of a replayed validation
     s = torch.tensor(gather_object(s))  # [dist] (n_val, 3): everyone's scores, in rank order
     return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
 
@@ -667,6 +736,23 @@ def check_launch(cfg: Config, accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
         raise ConfigError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
                           "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)  # [dist]
+    try:  # a run that cannot fit this device, refused now rather than as an out-of-memory error an hour in
+        backbones.check_memory(
+            cfg.backbone, cfg.pretrained, device=accelerator.device, num_frames=cfg.num_frames, height=cfg.height,
+            width=cfg.width, num_steps=cfg.num_steps, batch_size=cfg.batch_size,
+            micro_batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
+            full=cfg.full, guidance=cfg.guidance, dtype=weight_dtype_of(accelerator),
+            gradient_checkpointing=cfg.gradient_checkpointing, checkpointed_blocks=cfg.checkpointed_blocks,
+            shards=accelerator.num_processes if sharded else 1)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The frozen weights' and the activations' dtype: bf16 under --mixed_precision bf16, else float32 (the
+    trained parameters stay float32 either way)."""
+    return {"bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def local_prompts(train_prompts: list[str], cfg: Config, step: int, rank: int, world: int) -> list[str]:
@@ -678,23 +764,76 @@ def local_prompts(train_prompts: list[str], cfg: Config, step: int, rank: int, w
     return [train_prompts[i] for i in local for _ in range(cfg.group_size)]
 
 
-@contextmanager
-def dist_errors(timeout: int, world: int):
-    """Deviations 11: a collective call that timed out becomes an error that says what happened and what to do."""
-    try:
-        yield
-    except RuntimeError as err:
-        if world > 1 and re.search(r"time[d ]?\s?out", str(err), re.IGNORECASE):
-            raise RuntimeError(f"a peer process did not reach a collective call within --dist_timeout {timeout} s "
-                               f"(hung, stopped or dead); this process stops too. Resume with "
-                               f"--resume_from_checkpoint latest once all processes are healthy") from err
-        raise
+def set_cpu_threads(prog: str) -> None:
+    """Deviations 17: on a machine without CUDA and without OMP_NUM_THREADS, each process takes the cores that are
+    neither another local process's share nor busy with other work (the 1-minute load average), at least one."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    idle = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    threads = max(1, min(cores // local, idle))
+    torch.set_num_threads(threads)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{prog}: CPU run, {threads} thread(s) per process ({cores} cores, {local} local process(es), load "
+              f"{os.getloadavg()[0]:.1f}); set OMP_NUM_THREADS to choose")
+
+
+# What gloo and NCCL say when a peer process is gone: its socket closed (killed, crashed) or it never answered.
+PEER_LOST = re.compile(r"connection (reset|closed) by peer|broken pipe|connection refused|socket closed", re.IGNORECASE)
+TIMED_OUT = re.compile(r"time[d ]?\s?out", re.IGNORECASE)
+
+
+def peer_failure(err: BaseException, timeout: Optional[int]) -> Optional[str]:
+    """Deviations 11: the one line that says what happened to a peer process and what to do, or None when `err`
+    is not about a peer (or this is not a multi-process run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # With two processes the peer is the other one; beyond that the backends' errors name an address, not a rank.
+    peer = f"process {1 - rank}" if world == 2 else "another process"
+    resume = "resume with --resume_from_checkpoint latest once all processes are healthy"
+    if TIMED_OUT.search(str(err)):
+        return (f"process {rank}: {peer} did not reach a collective call within --dist_timeout {timeout} s (hung, "
+                f"stopped or dead); this process stops too. Fix the cause, then {resume}")
+    if PEER_LOST.search(str(err)):
+        return (f"process {rank}: lost the connection to {peer} (it was killed or crashed: its own output, or the "
+                f"launcher's summary, says why); this process stops too. Then {resume}")
+    return None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows a default once: not where the help text already says it, nor for None (the backbone's
+    preset or a derived value, which the help text describes)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or "default" in text.lower()
+                or action.option_strings[0].startswith("--no_")):
+            return text
+        return super()._get_help_string(action)
+
+
+class OptionParser(HfArgumentParser):
+    """HfArgumentParser with one-line usage errors (argparse prints the whole usage, 40 lines here) and
+    negative numbers in scientific notation read as values (`--learning_rate -1e-4` then fails the option's
+    rule, naming it, instead of being taken for an option)."""
+
+    def __init__(self, dataclass_types, prog: Optional[str] = None):
+        super().__init__(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=HelpFormatter)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        for action in self._actions:  # HfArgumentParser gives --no_X the help text of --X
+            if action.option_strings and action.option_strings[0].startswith("--no_"):
+                action.help = f"turn --{action.option_strings[0][5:]} off"
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Config:
     """Command-line options (every field of Config; `--help` lists them with the papers' values). No
     abbreviations (`--max_step` is not `--max_steps`); an unknown option is a usage error (exit 2)."""
-    parser = HfArgumentParser(Config, allow_abbrev=False)
+    parser = OptionParser(Config, prog="train.py")
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
@@ -712,11 +851,24 @@ def run_command(prog: str, main_fn, args) -> None:
     """The command-line end of train.py, sample.py and evaluate.py: a ConfigError or CheckpointError is a usage
     error (exit 2, one line); a multi-process run then exits without destroying its process group (Deviations
     16: the gloo destructor can deadlock on the GIL; everything is written, flushed and fsynced by now)."""
+    set_cpu_threads(prog)
+    logs.one_line_warnings()  # a warning outside an iteration too: one line, not two
     try:
         main_fn(args)
     except (ConfigError, checkpoint.CheckpointError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except checkpoint.SaveError as err:  # a full or failing disk: say which path, not a traceback (exit 1)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1) if torch.distributed.is_initialized() else sys.exit(1)
+    except RuntimeError as err:  # torch's DistBackendError is a RuntimeError
+        message = peer_failure(err, getattr(args, "dist_timeout", None))
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)  # one line, not the backend's pages of traceback
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)  # the process group is broken: do not wait in its destructor (Deviations 16)
     if torch.distributed.is_initialized():
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)

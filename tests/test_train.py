@@ -411,3 +411,22 @@ def test_a_tiny_wan_run_resumes_exactly(tmp_path):
     a = export.read_adapter(tmp_path / "a" / "checkpoints" / "checkpoint-4")
     b = export.read_adapter(tmp_path / "b" / "checkpoints" / "checkpoint-4")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muon_takes_the_blocks_matrices_and_leaves_embeddings_and_the_output_layer_to_adamw():
+    """issue 18.8: under --full, Muon gets the 2-D weights of the DiT blocks only; the embedders (an nn.Embedding
+    among them), the patchifier and proj_out stay on AdamW, as Muon's authors keep the first and last layers."""
+    import hunyuan
+
+    model = hunyuan.load_backbone("tiny", None, device="cpu", dtype=torch.float32, seed=0).transformer.requires_grad_(True)
+    muon, adamw = train.make_optimizers(list(model.parameters()), name="muon", lr=1e-4, weight_decay=0.0,
+                                        muon_params=train.hidden_matrices(model, hunyuan.BLOCK_CLASS))
+    on_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in on_muon}
+    in_blocks = {n for n, p in model.named_parameters() if n.startswith("transformer_blocks.") and p.dim() == 2}
+    assert names == in_blocks and names  # every block matrix, nothing else
+    for outside in ("proj_out.weight", "cond_type_embed.weight"):
+        assert outside in dict(model.named_parameters()) and outside not in names
+    assert any(isinstance(m, torch.nn.Embedding) for m in model.modules())
+    assert all(id(p) not in on_muon for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    assert sum(len(g["params"]) for g in adamw.param_groups) + len(on_muon) == len(list(model.parameters()))

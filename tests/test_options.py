@@ -1,0 +1,108 @@
+"""Options: each bad value fails before any model is built, in one line that names the option; the command
+line reads what a user types (negative numbers, type errors); --help says each thing once; the SDE window is
+drawn from --sde_window_range."""
+import math
+import re
+
+import pytest
+import torch
+
+import backbones
+import sde
+import train
+
+
+def resolved(*argv):
+    return train.resolve(train.parse_args(["--backbone", "tiny", *map(str, argv)]))
+
+
+def cli_error(capsys, monkeypatch, *argv) -> str:
+    """Runs train.py's command line, which must exit 2 without building a model; returns its stderr."""
+    for name in ("tiny", "tiny-wan"):  # building any model now is the failure this guards against
+        monkeypatch.setattr(backbones.module(name), "load_backbone", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(["--backbone", "tiny", "--max_steps", "1", *map(str, argv)])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# Values that used to reach torch or numpy (a traceback after the models loaded) or were taken for options.
+BAD_VALUES = [
+    (["--dist_timeout", 10**14], "--dist_timeout 100000000000000: must be a number of seconds in 1..604800"),
+    (["--seed", 2**32], "--seed 4294967296: must be an integer in 0..2**32-1"),
+    (["--learning_rate", "1e308"], "--learning_rate 1e+308: must be a number in (0, 1]"),
+    (["--learning_rate", "-1e-4"], "--learning_rate -0.0001: must be a number in (0, 1]"),  # parsed as a number
+    (["--lora_targets", "mlp"], "--lora_targets 'mlp': choose one of ('attn', 'attn_ffn')"),
+    (["--full", "--lora_targets", "attn_ffn"], "--lora_targets attn_ffn chooses LoRA layers; --full trains every"),
+    (["--sde_window", 2, "--sde_window_range", "3,4"], "--sde_window_range '3,4': two step indices A,B with 0 <= A"),
+    (["--sde_window", 2, "--sde_window_range", "0,9"], "--sde_window_range '0,9': every number must be in [0, 4]"),
+    (["--sde_window", 2, "--sde_window_range", "0.5,3"], "--sde_window_range '0.5,3': two step indices"),
+    (["--sde_window", 2, "--sde_window_start", 1, "--sde_window_range", "0,4"], "a fixed start is its own range"),
+    (["--sde_window_range", "0,2"], "--sde_window_range '0,2' applies to --sde_window W > 0"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_VALUES)
+def test_a_bad_value_is_one_line_naming_the_option(capsys, monkeypatch, argv, message, tmp_path):
+    err = cli_error(capsys, monkeypatch, "--output_dir", tmp_path / "out", *argv)
+    assert message in err, err
+    assert err.count("\n") == 1, err  # one line, no traceback
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--eta"], "argument --eta: expected one argument"),
+])
+def test_a_type_error_is_one_line_not_the_usage(capsys, monkeypatch, argv, message):
+    err = cli_error(capsys, monkeypatch, *argv)
+    assert message in err and err.count("\n") == 1, err  # argparse alone prints the 40-line usage first
+
+
+def test_help_states_each_default_once_and_the_negations_have_their_own_text():
+    text = train.OptionParser(train.Config).format_help()
+    entries = re.split(r"\n  (?=--)", text)  # one entry per option
+    twice = [e.split()[0] for e in entries if len(re.findall(r"default", e, re.IGNORECASE)) > 1]
+    assert not twice, twice
+    by_name = {e.split()[0]: " ".join(e.split()) for e in entries}
+    assert "turn --equalizer off" in by_name["--no_equalizer,"]
+    assert "gradient norm equalizer" not in by_name["--no_equalizer,"]
+    assert not re.search(r"(?<!\.py )Deviations \d", re.sub(r"\s+", " ", text)), \
+        "a Deviations reference without its file"
+
+
+def test_the_default_window_range_is_the_first_half_and_every_draw_lies_inside():
+    """issue 18.3: at K = 20 the step std falls from 0.66 to 0.05; a 'random' window is drawn in the first half
+    of the stochastic steps (FlowGRPO-Fast's sde_window_range), and an explicit range is obeyed."""
+    cfg = resolved("--num_steps", 20, "--sde_window", 2, "--max_steps", 50)
+    k_s = int((sde.step_variances(sde.sigma_schedule(20, 3.0), "sage", 0.5) > 0).sum())
+    assert cfg.sde_window_range == f"0,{math.ceil(k_s / 2)}"
+    stochastic = torch.ones(20, dtype=torch.bool)
+    starts = {int(train.sde_window(cfg, stochastic, step).nonzero()[0]) for step in range(200)}
+    assert starts == set(range(0, math.ceil(k_s / 2) - 1)), starts  # every start that fits, and no other
+    cfg = resolved("--num_steps", 20, "--sde_window", 3, "--sde_window_range", "5,12", "--max_steps", 50)
+    starts = {int(train.sde_window(cfg, stochastic, step).nonzero()[0]) for step in range(200)}
+    assert starts == set(range(5, 10)), starts
+    sliding = resolved("--num_steps", 20, "--sde_window", 3, "--sde_window_range", "5,12", "--max_steps", 10,
+                       "--sde_window_start", "sliding")
+    path = [int(train.sde_window(sliding, stochastic, step).nonzero()[0]) for step in range(10)]
+    assert path[0] == 5 and path[-1] == 9 and path == sorted(path), path  # slides through the range, in order
+    assert resolved("--sde_window", 3, "--num_steps", 4).sde_window_range == "0,3"  # W wider than half: W steps
+
+
+def test_the_window_range_is_part_of_the_run_identity():
+    import checkpoint
+
+    identity = lambda *a: checkpoint.run_identity(resolved("--sde_window", 1, *a), 1, "no", ["p"], ["v"])
+    assert identity("--sde_window_range", "0,2") != identity("--sde_window_range", "1,3")
+
+
+def test_a_run_that_cannot_fit_is_refused_by_train_py_before_the_output_folder_or_a_model(capsys, monkeypatch,
+                                                                                            tmp_path):
+    """train.py asks backbones.check_memory with its resolved options (here a device of 1 MiB) after the launch
+    checks: a usage error of one line with the estimate, and neither a model nor the output folder is made."""
+    monkeypatch.setattr(backbones, "available_memory", lambda device: (2**20, "a 1 MiB test device"))
+    out = tmp_path / "out"
+    err = cli_error(capsys, monkeypatch, "--output_dir", out)
+    assert err.count("\n") == 1 and err.startswith("train.py: error: --backbone tiny needs at least ")
+    assert "more than the 1.0 MiB of a 1 MiB test device: " in err and "To fit, " in err
+    assert not out.exists()
