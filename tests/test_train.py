@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -325,8 +326,38 @@ def test_a_stopped_peer_ends_the_run_within_the_dist_timeout(tmp_path):
             pass
         launcher.wait()
     assert launcher.returncode != 0
-    assert "--dist_timeout 10" in err, err[-3000:]
+    assert "train.py: error: process 0: process 1 did not reach a collective call within --dist_timeout 10 s" \
+        in err, err[-3000:]
     assert waited < 10 + 60, waited  # the timeout, plus the rest of one iteration and the shutdown
+
+
+def test_a_killed_peer_ends_the_other_process_with_one_line_saying_how_to_resume(tmp_path):
+    """kill -9 one of two processes mid-run: the other stops at its next collective call with the project's one
+    line (which process was lost, how to resume), not gloo's "Connection reset by peer" traceback. The two
+    processes are started by hand, as on two nodes: on one node the launcher would stop the survivor itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "tiny", "--max_steps", "100",
+           "--validation_steps", "0", "--checkpointing_steps", "0", "--output_dir", str(tmp_path)]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, "the run did not start"
+            time.sleep(0.2)
+        procs[1].kill()
+        err = procs[0].communicate(timeout=180)[1]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1
+    assert err.splitlines()[-1].startswith("train.py: error: process 0: lost the connection to process 1 "), err[-3000:]
+    assert "--resume_from_checkpoint latest" in err.splitlines()[-1] and "Traceback" not in err
 
 
 def worker_pids(parent: int) -> list[int]:
