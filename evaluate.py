@@ -42,10 +42,10 @@ import os
 
 import torch
 
-import backbones
-import export
 import rewards
 import sample
+from models import backbones
+from training import export
 from train import ConfigError, read_prompts, run_command
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "eval_prompts.txt")
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    import logs
+    from training import logs
 
     weights, prompts, names, model_seed, pretrained = check(args)
     accelerator = Accelerator()  # [dist]

@@ -141,14 +141,14 @@ def check_reward(name: str, model=None, prompt_template_file=None) -> None:
     if name == "proxy" and (model is not None or prompt_template_file is not None):
         raise ValueError("--reward proxy uses no model: drop --reward_model and --reward_prompt_template")
     if name == "videoalign":
-        import videoalign  # lazy: only its text helpers run here
+        from reward_models import videoalign  # lazy: only its text helpers run here
 
         if prompt_template_file is None and model != "tiny":
             raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
         if prompt_template_file is not None:
             videoalign.load_prompt_template(prompt_template_file)  # exists, and holds the rubric's slots
     if name == "vlm":
-        import vlm_judge
+        from reward_models import vlm_judge
 
         vlm_judge.check_judge(model or DEFAULT_MODELS["vlm"], prompt_template_file)
 
@@ -166,14 +166,14 @@ def build_reward(name: str, path=None, prompt_template_file=None, device="cpu", 
         return ProxyReward()
     path = path or DEFAULT_MODELS[name]
     if name == "videoalign":
-        import videoalign  # lazy: pulls in the Qwen2-VL stack
+        from reward_models import videoalign  # lazy: pulls in the Qwen2-VL stack
 
         if path == "tiny":
             return videoalign.build_tiny_videoalign(prompt_template_file or videoalign.STAND_IN_TEMPLATE,
                                                     batch_size=batch_size).to(device)
         return videoalign.VideoAlignReward.from_pretrained(path, prompt_template_file, device=device, dtype=dtype,
                                                            batch_size=batch_size)
-    import vlm_judge  # lazy: pulls in the Qwen2.5-VL stack
+    from reward_models import vlm_judge  # lazy: pulls in the Qwen2.5-VL stack
 
     if path == "tiny":
         return vlm_judge.build_tiny_judge(prompt_template_file, batch_size=batch_size).to(device=device, dtype=dtype)

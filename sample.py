@@ -37,9 +37,9 @@ import re
 
 import torch
 
-import backbones
-import export
 import sde
+from models import backbones
+from training import checkpoint, export
 from train import ConfigError, read_prompts, run_command
 
 SETTINGS = ("num_frames", "height", "width", "fps", "num_steps", "guidance", "shift", "micro_batch_size")
@@ -72,11 +72,11 @@ def resolve_settings(name: str, run: dict, overrides: dict) -> dict:
 
 
 def resolve_weights(option: str, path: str | None, name: str) -> export.Weights | None:
-    """export.resolve_weights with the option's name in every error, and the backbone checked against the run's."""
+    """checkpoint.resolve_weights with the option's name in every error, and the backbone checked against the run's."""
     if path is None:
         return None
     try:
-        weights = export.resolve_weights(path)
+        weights = checkpoint.resolve_weights(path)
     except ValueError as err:
         raise ConfigError(f"{option} {path}: {err}") from None
     trained_on = weights.run.get("backbone")
@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> list[str]:
     """Writes the videos and the contact sheet of this process; returns the video paths (without extension)."""
     from accelerate import Accelerator
 
-    import logs
+    from training import logs
 
     weights, prompts, settings, eta = check(args)
     accelerator = Accelerator()  # [dist]

@@ -109,16 +109,13 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-import backbones
-import checkpoint
 import curriculum
-import export
 import grpo
-import logs
-import profiling
 import rewards
 import sde
 import trust_region
+from models import backbones
+from training import checkpoint, export, logs, profiling
 
 
 @dataclass

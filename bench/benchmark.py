@@ -24,13 +24,13 @@ torch's FlopCounterMode, and MFU = those FLOPs per second over the bf16 matmul p
 
 Run (README "Performance" holds the figures with their machine, date and command):
     bench/gpu.sh        # GPU (H100/H200): the sections below with versions and date, about 8 minutes
-    python benchmark.py --train_timesteps 1 --train_variants 1:ckpt,1:ckpt20,1:nockpt
+    python bench/benchmark.py --train_timesteps 1 --train_variants 1:ckpt,1:ckpt20,1:nockpt
                         # GPU: HunyuanVideo-1.5 8.3 B DiT, LoRA r=32, 33x320x576, G=4, K=16
-    python benchmark.py --model wan21-1.3b --frames 81 --height 480 --width 832 --modes full
+    python bench/benchmark.py --model wan21-1.3b --frames 81 --height 480 --width 832 --modes full
                         # GPU: Wan2.1-T2V-1.3B at [SPG]'s size, full fine-tune
-    python benchmark.py --model small --frames 9 --height 64 --width 64 --train_timesteps 1
+    python bench/benchmark.py --model small --frames 9 --height 64 --width 64 --train_timesteps 1
                         # CPU: the same code on the small backbone (about 30 s on 2 cores)
-    python benchmark.py --model small --frames 9 --height 64 --width 64 --num_steps 8 --train_timesteps 1 \\
+    python bench/benchmark.py --model small --frames 9 --height 64 --width 64 --num_steps 8 --train_timesteps 1 \\
         --train_variants 4:nockpt --windows 2,4 --shared_prefix --window_rounds 3
                         # CPU: K = 8 full vs windows of 2 and 4 (README "Performance"; about 4 minutes)
 
@@ -72,19 +72,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
 import diffusers
 import torch
 
-import backbones
-import grpo
-import profiling
-import sde
-import train
-import trust_region
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import grpo  # noqa: E402
+import sde  # noqa: E402
+import train  # noqa: E402
+import trust_region  # noqa: E402
+from models import backbones  # noqa: E402
+from training import profiling  # noqa: E402
 
 KIND, ETA = "sage", 0.5   # the rollout's SDE: its cost does not depend on the kind
 

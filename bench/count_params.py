@@ -1,5 +1,6 @@
-# Parameter counts behind configs/MEMORY.md.   Run: python configs/count_params.py   (CPU, ~10 s, no weights)
+# Parameter counts behind docs/performance.md.   Run: python bench/count_params.py   (CPU, ~10 s, no weights)
 # Every model is built on the `meta` device: shapes only, no memory, no download.
+import os
 import re
 import sys
 
@@ -7,8 +8,8 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
 from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2VLConfig, Qwen2VLModel, T5Config, T5EncoderModel
 
-sys.path.insert(0, ".")  # run from the repository root
-import hunyuan  # LORA_TARGETS: the exact regexes add_lora() gives peft
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from models import hunyuan  # LORA_TARGETS: the exact regexes add_lora() gives peft
 
 
 def n(m):  # number of parameters of a module
@@ -54,7 +55,7 @@ for name, m in [("VAE", vae), ("Qwen2.5-VL-7B text tower", qwen), ("ByT5-small e
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-import wan
+from models import wan
 
 with torch.device("meta"):
     wan_vae = AutoencoderKLWan()

@@ -83,7 +83,7 @@ echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host: $(hostname)  commit: $(gi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
 "$PY" - <<'EOF' || { echo "import failed: a wheel is missing (see the header)"; exit 1; }
 import sys, torch, diffusers, transformers, accelerate, peft
-import benchmark  # everything benchmark.py imports, train.py included
+from bench import benchmark  # everything bench/benchmark.py imports
 cuda = torch.cuda.is_available()
 print(f"python {sys.version.split()[0]}; torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
       f"{torch.backends.cudnn.version()}); diffusers {diffusers.__version__}; transformers {transformers.__version__}; "
@@ -112,10 +112,10 @@ section() {   # name, timeout in seconds, benchmark.py arguments
     local name=$1 limit=$2
     shift 2
     echo
-    echo "==== $name (timeout ${limit} s): $PY benchmark.py $* --out $JSON_DIR/$name.json"
+    echo "==== $name (timeout ${limit} s): $PY bench/benchmark.py $* --out $JSON_DIR/$name.json"
     echo "start $(date -u '+%H:%M:%S')"
     local t0=$SECONDS
-    timeout -k 15 "$limit" "$PY" benchmark.py "$@" --out "$JSON_DIR/$name.json"
+    timeout -k 15 "$limit" "$PY" bench/benchmark.py "$@" --out "$JSON_DIR/$name.json"
     local rc=$?
     echo "==== $name: exit $rc after $((SECONDS - t0)) s$([[ $rc == 124 ]] && echo ' (timed out)')"
 }

@@ -149,7 +149,7 @@ def _entry(name: str) -> tuple[str, dict]:
 
 def module(name: str):
     """The family module of backbone `name` (imported on first use: each pulls in its own model classes)."""
-    return importlib.import_module(_entry(name)[0])
+    return importlib.import_module(f"models.{_entry(name)[0]}")
 
 
 def preset(name: str) -> dict:
@@ -251,7 +251,7 @@ def find_weights(name: str, pretrained: str | None) -> str:
         found = _pipeline_class(root)
         if found is not None and found != family.PIPELINE_CLASS:   # Deviations 2
             others = [n for n, (m, _) in BACKBONES.items()
-                      if getattr(importlib.import_module(m), "PIPELINE_CLASS", None) == found]
+                      if getattr(importlib.import_module(f"models.{m}"), "PIPELINE_CLASS", None) == found]
             raise RuntimeError(
                 f"--pretrained {pretrained!r} holds a {found} folder (backbone {' / '.join(others) or '?'}), but "
                 f"--backbone {name} is {family.FAMILY} and needs a {family.PIPELINE_CLASS} folder "

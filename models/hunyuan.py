@@ -67,7 +67,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer, T5Config,
                           T5EncoderModel)
 
-import backbones
+from models import backbones
 
 FAMILY = "HunyuanVideo-1.5"
 PIPELINE_CLASS = "HunyuanVideo15Pipeline"        # model_index.json `_class_name` of its Diffusers folders

@@ -52,7 +52,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from torch import nn
 from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-import backbones
+from models import backbones
 
 FAMILY = "Wan2.1"
 PIPELINE_CLASS = "WanPipeline"           # model_index.json `_class_name` of its Diffusers folders

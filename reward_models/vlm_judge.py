@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from videoalign import CHAT_SPECIALS, MAX_PIXELS, MIN_PIXELS, byte_level_tokenizer, preprocess_video
+from reward_models.videoalign import CHAT_SPECIALS, MAX_PIXELS, MIN_PIXELS, byte_level_tokenizer, preprocess_video
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ RELEASED = {"Qwen2.5-VL-7B": dict(hidden_size=3584, intermediate_size=18944, num
 def memory_table() -> list[str]:
     """bf16 weight memory from the parameter count of each released config, built on the meta device."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from videoalign import frame_indices, smart_size
+    from reward_models.videoalign import frame_indices, smart_size
     h, w = smart_size(480, 832)  # [SPG]'s Wan clip: 480x832, 81 frames at 16 fps
     video = len(frame_indices(81, 16.0)) // 2 * (h // 28) * (w // 28)  # merged video tokens per clip
     lines = [f"[SPG]'s 480x832 clip, 81 frames at 16 fps -> {len(frame_indices(81, 16.0))} frames at {h}x{w}: "

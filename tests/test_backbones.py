@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-import backbones
+from models import backbones
 
 FAMILY_NAMES = ("load_backbone", "latent_shape", "PromptCache", "velocity", "decode", "add_lora",
                 "enable_gradient_checkpointing", "freeze_unreachable", "BLOCK_CLASS", "LORA_TARGETS", "FAMILY",
@@ -22,7 +22,7 @@ FAMILY_NAMES = ("load_backbone", "latent_shape", "PromptCache", "velocity", "dec
 
 def test_every_family_exposes_the_same_names_and_signatures():
     families = {backbones.module(name) for name in backbones.NAMES}
-    assert {f.__name__ for f in families} == {"hunyuan", "wan"}
+    assert {f.__name__ for f in families} == {"models.hunyuan", "models.wan"}
     for name in FAMILY_NAMES:
         kinds = {type(getattr(f, name)).__name__ for f in families}
         assert len(kinds) == 1, (name, kinds)
@@ -63,8 +63,8 @@ def fake_folder(path, pipeline_class, subfolders):
 
 
 def test_a_folder_of_the_other_family_fails_in_milliseconds_naming_both(tmp_path):
-    import hunyuan
-    import wan
+    from models import hunyuan
+    from models import wan
 
     hunyuan_dir = fake_folder(tmp_path / "hy", "HunyuanVideo15Pipeline", hunyuan.SUBFOLDERS)
     wan_dir = fake_folder(tmp_path / "wan", "WanPipeline", wan.SUBFOLDERS)
@@ -101,7 +101,7 @@ def test_missing_wan_weights_print_the_download_command(where, tmp_path, monkeyp
 def test_wan_clip_factors_and_configs_agree_with_the_real_classes():
     """VIDEO_FACTORS (used before any weights exist) equals the VAE x patch of the real architectures, built on
     the meta device; the 1.3B config has the published size."""
-    import wan
+    from models import wan
 
     with torch.device("meta"):
         vae = AutoencoderKLWan()   # class defaults = the Wan2.1 VAE (z 16, x4 temporal, x8 spatial)
@@ -130,7 +130,7 @@ def test_wan_clip_factors_and_configs_agree_with_the_real_classes():
     ('{"_class_name": ["HunyuanVideo15Pipeline"]}', "'_class_name' must be a pipeline class name"),
 ])
 def test_a_damaged_model_index_is_one_line_naming_the_file(tmp_path, content, problem):
-    import hunyuan
+    from models import hunyuan
 
     folder = fake_folder(tmp_path / "hy", "HunyuanVideo15Pipeline", hunyuan.SUBFOLDERS)
     path = tmp_path / "hy" / "model_index.json"
@@ -170,7 +170,7 @@ def test_a_transformer_config_without_layers_or_that_the_class_rejects_names_the
     """check_request's JSON check passes these; num_blocks (train.py's --checkpointed_blocks check) and the memory
     estimate, which builds the transformer on the meta device from the config, name the file instead of raising
     KeyError: 'num_layers' or a TypeError from inside diffusers."""
-    import wan
+    from models import wan
 
     folder = fake_folder(tmp_path / "w", "WanPipeline", wan.SUBFOLDERS)
     config = tmp_path / "w" / "transformer" / "config.json"
@@ -289,8 +289,8 @@ def test_activation_estimate_is_a_floor_of_what_autograd_keeps(name, dtype, targ
 def real_folders(tmp_path_factory):
     """Weightless folders holding only transformer/config.json: HunyuanVideo-1.5 480p t2v (the class defaults,
     configs/count_params.py) and the two Wan2.1 hub configs."""
-    import hunyuan
-    import wan
+    from models import hunyuan
+    from models import wan
 
     folders = {}
     for name, family, config in [("hunyuan15", hunyuan, dict(task_type="t2v")),

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import backbones
-import benchmark
 import sde
+from models import backbones
+from bench import benchmark
 
 
 def test_window_comparison_rows_follow_the_formula(capsys):

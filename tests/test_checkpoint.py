@@ -26,13 +26,11 @@ import torch
 from accelerate import Accelerator
 from peft.utils import get_peft_model_state_dict
 
-import backbones
-import checkpoint
-import export
 import curriculum
-import logs
 import train
 import trust_region
+from models import backbones
+from training import checkpoint, export, logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -596,7 +594,7 @@ def test_three_kill_9_during_saves_each_resume_with_latest_to_the_end(reference,
     """Real SIGKILLs of a training process at random moments inside its checkpoint saves (each fsync is slowed
     down so that a save lasts about a second), then `--resume_from_checkpoint latest` each time."""
     ref_out, _ = reference
-    slow = ("import time, checkpoint, train; real = checkpoint._fsync; "
+    slow = ("import time, train; from training import checkpoint; real = checkpoint._fsync; "
             "checkpoint._fsync = lambda p: (time.sleep(0.15), real(p)); train.cli()")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = ["--backbone", "tiny", "--output_dir", str(tmp_path), *map(str, RUN)]

@@ -16,10 +16,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import backbones
-import export
-import logs
 import sample
+from models import backbones
+from training import checkpoint, export, logs
 
 FAMILIES = [("tiny", "hunyuan"), ("tiny-wan", "wan")]
 
@@ -84,7 +83,7 @@ def test_exported_adapter_loads_through_diffusers_as_the_trained_velocity(tmp_pa
     stripped.transformer.load_lora_adapter(str(bare), weight_name=export.LORA_FILE)
     assert (velocity(family, stripped, stripped.transformer) - expected).abs().max() > 1e-3
     with pytest.raises(ValueError, match="no lora_adapter_metadata and no run options"):
-        export.resolve_weights(str(bare / export.LORA_FILE))  # and we refuse to guess alpha
+        checkpoint.resolve_weights(str(bare / export.LORA_FILE))  # and we refuse to guess alpha
 
 
 def test_adapter_file_is_what_wan_pipeline_save_lora_weights_writes(tmp_path):
@@ -113,7 +112,7 @@ def test_full_export_reloads_with_from_pretrained_to_identical_outputs(tmp_path,
     reloaded = type(trained.transformer).from_pretrained(str(tmp_path / export.TRANSFORMER))
     saved = trained.transformer.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in reloaded.state_dict().items())
-    weights = export.resolve_weights(str(tmp_path))
+    weights = checkpoint.resolve_weights(str(tmp_path))
     assert (weights.kind, weights.path) == ("full", str(tmp_path / export.TRANSFORMER))
     fresh = family.load_backbone(name, seed=0)
     assert not torch.equal(velocity(family, fresh, fresh.transformer), expected)
@@ -138,8 +137,8 @@ def test_old_checkpoint_with_lora_safetensors_only_still_loads(tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "checkpoint-3"
     old_checkpoint(ckpt, trained.transformer, 3, {"backbone": "tiny", "lora_rank": 4, "lora_alpha": 8, "seed": 0})
-    assert export.resolve_weights(str(ckpt)).path == str(ckpt / export.OLD_LORA_FILE)  # named
-    weights = export.resolve_weights(str(run))  # a run folder without a root export: its newest checkpoint
+    assert checkpoint.resolve_weights(str(ckpt)).path == str(ckpt / export.OLD_LORA_FILE)  # named
+    weights = checkpoint.resolve_weights(str(run))  # a run folder without a root export: its newest checkpoint
     assert (weights.kind, weights.source, weights.prefix) == ("lora", str(ckpt), None)
     assert weights.metadata == {"r": 4, "lora_alpha": 8, "target_modules": attn_targets(family)}
     fresh = family.load_backbone("tiny", seed=0)
@@ -148,23 +147,11 @@ def test_old_checkpoint_with_lora_safetensors_only_still_loads(tmp_path):
 
     # a root export takes precedence over the checkpoints; a folder without weights is refused by name
     export.write_lora(trained.transformer, str(run))
-    assert export.resolve_weights(str(run)).path == os.path.join(str(run), export.LORA_FILE)
+    assert checkpoint.resolve_weights(str(run)).path == os.path.join(str(run), export.LORA_FILE)
     with pytest.raises(ValueError, match="holds no weights"):
-        export.resolve_weights(str(tmp_path / "run" / "checkpoints"))
+        checkpoint.resolve_weights(str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="does not exist"):
-        export.resolve_weights(str(tmp_path / "nowhere"))
-
-
-def test_export_imports_first_in_a_fresh_interpreter():
-    """sample.py and evaluate.py import export before checkpoint; the two modules import each other, which
-    must work in that order too (a module-level use of the other's names would not)."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", "import export, checkpoint; print(checkpoint.FINAL_EXPORT)"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "pytorch_lora_weights.safetensors" in done.stdout, done.stderr[-2000:]
+        checkpoint.resolve_weights(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,7 +246,7 @@ def test_bf16_policy_holds_the_trained_float32_adapter(tmp_path, name, bf16_acce
     export.save_weights(bf16_accelerator, trained.transformer, str(tmp_path), full=False)
     v32 = velocity(family, trained, trained.transformer)
 
-    weights = export.resolve_weights(str(tmp_path))
+    weights = checkpoint.resolve_weights(str(tmp_path))
     _, backbone, policy = sample.load(name, None, weights, seed=0, accelerator=bf16_accelerator)
     assert policy.proj_out.weight.dtype == torch.bfloat16  # the backbone is bf16
     loaded = dict(policy.named_parameters())
@@ -350,10 +337,10 @@ def test_attn_ffn_adapter_exports_and_loads_from_old_checkpoints(tmp_path, name,
     ckpt = tmp_path / "old" / "checkpoint-1"
     options = {"backbone": name, "lora_rank": 4, "lora_alpha": 8, "seed": 0, "lora_targets": "attn_ffn"}
     old_checkpoint(ckpt, trained.transformer, 1, options)
-    weights = export.resolve_weights(str(ckpt))
+    weights = checkpoint.resolve_weights(str(ckpt))
     assert weights.metadata["target_modules"] == family.LORA_TARGETS["attn_ffn"]
     fresh = family.load_backbone(name, seed=0)
     assert torch.equal(velocity(family, fresh, export.load_policy(family, fresh, weights)), expected)
     logs.write_json(str(ckpt / "trainer_state.json"), {"step": 1, "config": {**options, "lora_targets": "all"}})
     with pytest.raises(ValueError, match="--lora_targets 'all'"):
-        export.resolve_weights(str(ckpt))
+        checkpoint.resolve_weights(str(ckpt))

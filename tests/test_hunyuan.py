@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
 
-import hunyuan
+from models import hunyuan
 
 PROMPTS = ["a red ball rolls on grass", 'a sign that says "OPEN", then “24h”, then "OPEN" again']
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import logs
+from training import logs
 
 
 class Crash(BaseException):

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-import backbones
 import sde
 import train
+from models import backbones
 
 
 def resolved(*argv):
@@ -90,7 +90,7 @@ def test_the_default_window_range_is_the_first_half_and_every_draw_lies_inside()
 
 
 def test_the_window_range_is_part_of_the_run_identity():
-    import checkpoint
+    from training import checkpoint
 
     identity = lambda *a: checkpoint.run_identity(resolved("--sde_window", 1, *a), 1, "no", ["p"], ["v"])
     assert identity("--sde_window_range", "0,2") != identity("--sde_window_range", "1,3")

@@ -8,11 +8,11 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-import backbones
 import evaluate
-import export
 import sample
 import train
+from models import backbones
+from training import export
 
 PROMPTS = ["a green frog leaping from one lily pad to another", "a purple jellyfish pulsing through dark blue water"]
 

@@ -17,14 +17,12 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-import backbones
-import checkpoint
-import export
 import grpo
-import hunyuan
 import rewards
 import sde
 import train
+from models import backbones, hunyuan
+from training import checkpoint, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +202,7 @@ def test_the_shared_prefix_equals_the_prefix_computed_per_sample(tmp_path):
               "--sde_window_start", 2]
     shared = run(tmp_path / "shared", *common, "--shared_prefix")[0]
     samples = read_jsonl(tmp_path / "shared" / "samples.jsonl")[0]
-    import backbones as bb
+    from models import backbones as bb
 
     family = bb.module("tiny")
     backbone = family.load_backbone("tiny", seed=0)
@@ -447,7 +445,7 @@ def test_a_tiny_wan_run_resumes_exactly(tmp_path):
 def test_muon_takes_the_blocks_matrices_and_leaves_embeddings_and_the_output_layer_to_adamw():
     """issue 18.8: under --full, Muon gets the 2-D weights of the DiT blocks only; the embedders (an nn.Embedding
     among them), the patchifier and proj_out stay on AdamW, as Muon's authors keep the first and last layers."""
-    import hunyuan
+    from models import hunyuan
 
     model = hunyuan.load_backbone("tiny", None, device="cpu", dtype=torch.float32, seed=0).transformer.requires_grad_(True)
     muon, adamw = train.make_optimizers(list(model.parameters()), name="muon", lr=1e-4, weight_decay=0.0,

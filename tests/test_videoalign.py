@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-import videoalign as va
+from reward_models import videoalign as va
 
 STANDIN = va.STAND_IN_TEMPLATE
 PROMPTS = ["a red car drives along a coast road", "cat", "two dogs play in the snow at dusk, slow pan"]

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import rewards
-import videoalign as va
-import vlm_judge as vj
+from reward_models import videoalign as va, vlm_judge as vj
 
 PROMPTS = ["a red car drives along a coast road", "cat", "two dogs play in the snow at dusk, slow pan"]
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-import backbones
 import grpo
 import sde
-import wan
+from models import backbones, wan
 
 PROMPTS = ["a red ball rolls on grass", "  a cat &amp; a   dog\n on a sofa "]   # the 2nd exercises prompt_clean
 

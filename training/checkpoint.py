@@ -94,8 +94,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from safetensors import SafetensorError
 
-import export
-import logs
+from training import export, logs
 
 CHECKPOINTS = "checkpoints"          # sub-folder of the output folder
 MANIFEST = "manifest.json"
@@ -623,3 +622,43 @@ def _option(key: str) -> str:
              "(file contents)", "rubric_sha256": "--reward_prompt_template (file contents)",
              "num_processes": "the number of processes", "mixed_precision": "--mixed_precision"}
     return names.get(key, f"--{key}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run's policy, for sample.py and evaluate.py
+
+
+def resolve_weights(path: str) -> export.Weights:
+    """A run folder, a checkpoint folder or an adapter .safetensors file -> what to load (export.py Deviations
+    3, 4). Reads only small files (JSON, a safetensors header); raises ValueError naming what it looked for."""
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"{path!r} is a file but not a .safetensors adapter")
+        return export.lora_file(path, recorded_options(os.path.dirname(path)), source=path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} does not exist (a run folder, a checkpoint folder or a .safetensors file)")
+    run = recorded_options(path)
+    if os.path.isfile(os.path.join(path, export.LORA_FILE)):
+        return export.lora_file(os.path.join(path, export.LORA_FILE), run, source=path)
+    if os.path.isfile(os.path.join(path, export.TRANSFORMER, "config.json")):
+        return export.Weights("full", os.path.join(path, export.TRANSFORMER), path, run, prefix=None)
+    if os.path.isfile(os.path.join(path, export.OLD_LORA_FILE)):
+        return export.lora_file(os.path.join(path, export.OLD_LORA_FILE), run, source=path)
+    newest = latest(os.path.join(path, CHECKPOINTS))
+    if newest is not None:
+        return resolve_weights(newest)
+    raise ValueError(f"{path!r} holds no weights: looked for {export.LORA_FILE}, {export.TRANSFORMER}/, "
+                     f"{export.OLD_LORA_FILE} and a complete {CHECKPOINTS}/checkpoint-<step>/ (a full fine-tuning "
+                     f"checkpoint holds accelerate's training state only; {export.TRANSFORMER}/ is written at the end "
+                     f"of the run: resume and finish it, or pass the run folder once it has finished)")
+
+
+def recorded_options(folder: str) -> dict:
+    """The run options recorded beside the weights: trainer_state.json's (a checkpoint) or config.json's (a run)."""
+    for name, key in ((STATE, "config"), ("config.json", None)):
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                saved = json.load(f)
+            return dict(saved[key] if key else saved)
+    return {}

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import backbones
+from models import backbones
 
 LORA_FILE = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
 OLD_LORA_FILE = "lora.safetensors"               # checkpoints written before this module existed
@@ -88,7 +88,7 @@ PEFT_PREFIX = "base_model.model"                 # PeftModel's name of the model
 
 @dataclass
 class Weights:
-    """What `resolve_weights` found. `run` holds the run's recorded options (backbone, seed, lora_rank, ...;
+    """What `checkpoint.resolve_weights` found. `run` holds the run's recorded options (backbone, seed, lora_rank, ...;
     {} for a bare file); `metadata` is the LoraConfig to hand diffusers for a file without one (Deviations 3)."""
     kind: str                   # "lora" or "full"
     path: str                   # the adapter file, or the transformer folder
@@ -190,33 +190,6 @@ def _model_class(core):
 # In
 
 
-def resolve_weights(path: str) -> Weights:
-    """A run folder, a checkpoint folder or an adapter .safetensors file -> what to load (Deviations 3, 4).
-    Reads only small files (JSON, a safetensors header); raises ValueError naming what it looked for."""
-    if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            raise ValueError(f"{path!r} is a file but not a .safetensors adapter")
-        return _lora_file(path, _recorded_options(os.path.dirname(path)), source=path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{path!r} does not exist (a run folder, a checkpoint folder or a .safetensors file)")
-    run = _recorded_options(path)
-    if os.path.isfile(os.path.join(path, LORA_FILE)):
-        return _lora_file(os.path.join(path, LORA_FILE), run, source=path)
-    if os.path.isfile(os.path.join(path, TRANSFORMER, "config.json")):
-        return Weights("full", os.path.join(path, TRANSFORMER), path, run, prefix=None)
-    if os.path.isfile(os.path.join(path, OLD_LORA_FILE)):
-        return _lora_file(os.path.join(path, OLD_LORA_FILE), run, source=path)
-    import checkpoint  # here, not at the top: checkpoint.py imports this module
-
-    newest = checkpoint.latest(os.path.join(path, checkpoint.CHECKPOINTS))
-    if newest is not None:
-        return resolve_weights(newest)
-    raise ValueError(f"{path!r} holds no weights: looked for {LORA_FILE}, {TRANSFORMER}/, {OLD_LORA_FILE} and a "
-                     f"complete {checkpoint.CHECKPOINTS}/checkpoint-<step>/ (a full fine-tuning checkpoint holds "
-                     f"accelerate's training state only; {TRANSFORMER}/ is written at the end of the run: resume and "
-                     f"finish it, or pass the run folder once it has finished)")
-
-
 def read_adapter(folder: str) -> dict:
     """The adapter saved in a checkpoint folder, with peft's own keys (what set_peft_model_state_dict takes):
     LORA_FILE without its pipeline prefix, or OLD_LORA_FILE of a checkpoint from before exports."""
@@ -227,20 +200,9 @@ def read_adapter(folder: str) -> dict:
     return load_file(os.path.join(folder, OLD_LORA_FILE))
 
 
-def _recorded_options(folder: str) -> dict:
-    """The run options recorded beside the weights: trainer_state.json's (a checkpoint) or config.json's (a run)."""
-    import checkpoint  # here, not at the top: checkpoint.py imports this module
-
-    for name, key in ((checkpoint.STATE, "config"), ("config.json", None)):
-        file = os.path.join(folder, name)
-        if os.path.isfile(file):
-            with open(file) as f:
-                saved = json.load(f)
-            return dict(saved[key] if key else saved)
-    return {}
-
-
-def _lora_file(path: str, run: dict, source: str) -> Weights:
+def lora_file(path: str, run: dict, source: str) -> Weights:
+    """An adapter file as Weights: its key prefix, and the LoraConfig from its metadata or from the run's
+    recorded options `run` (Deviations 3). Reads the safetensors header only."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
@@ -254,14 +216,11 @@ def _lora_file(path: str, run: dict, source: str) -> Weights:
         raise ValueError(f"{path!r} has no {METADATA_KEY} and no run options beside it (trainer_state.json or "
                          f"config.json), so its alpha is unknown; pass the checkpoint or run folder instead")
     # The targets of the run's --lora_targets choice ("attn" for a run recorded before the option existed).
-    # TRANSITION: a family module may still hold LORA_TARGETS as the single "attn" regex rather than the dict
-    # {choice: regex}; drop the isinstance once both family modules hold the dict.
     targets, choice = backbones.module(run["backbone"]).LORA_TARGETS, run.get("lora_targets", "attn")
-    if isinstance(targets, dict) and choice not in targets:
+    if choice not in targets:
         raise ValueError(f"{path!r}: its run records --lora_targets {choice!r}, which {run['backbone']} does not "
                          f"have ({', '.join(targets)})")
-    metadata = {"r": run["lora_rank"], "lora_alpha": run["lora_alpha"],
-                "target_modules": targets[choice] if isinstance(targets, dict) else targets}
+    metadata = {"r": run["lora_rank"], "lora_alpha": run["lora_alpha"], "target_modules": targets[choice]}
     if prefix is not None:
         metadata = {f"{prefix}.{k}": v for k, v in metadata.items()}
     return Weights("lora", path, source, run, prefix, metadata)

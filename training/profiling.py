@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
-import logs
+from training import logs
 
 
 class PhaseTimer:
