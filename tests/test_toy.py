@@ -2,14 +2,19 @@
 
 Each claim is asserted for every seed, not only for the mean. Margins were set from the measured quick-run
 values (in comments) with slack."""
+import ast
 import json
 import math
 import os
+import pathlib
 
 import pytest
 import torch
 
 from toy import run as toy_run
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONCEPT_MODULES = ("sde", "grpo", "trust_region", "curriculum", "rewards")
 
 FIGURES = ["1_fan.png", "2_frontier.png", "3_variance.png", "4_offmanifold.png", "5_gradnorm.png", "6_ablation.png",
            "7_trust_region.png", "8_curriculum.png", "9_samples.png"]
@@ -135,3 +140,50 @@ def test_batched_seeds_compute_what_separate_models_would():
     torch.nn.utils.clip_grad_norm_(single.parameters(), 1.0)
     for p_single, p in zip(single.parameters(), net.parameters()):
         assert torch.allclose(p.grad[1:2], p_single.grad, atol=1e-6)
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function (lazy imports count: they are cycles too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" if node.module else base + alias.name for alias in node.names)
+    return found
+
+
+def _top_level_names(path: pathlib.Path) -> set[str]:
+    """Functions, classes and constants a module defines (not what it imports)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_figures_and_manifold_do_not_import_the_toy_script():
+    """toy/run.py imports its figures; the figures take what they draw as arguments (issue 19 item 3)."""
+    for name in ("figures.py", "manifold.py"):
+        cycle = _imported_modules(ROOT / "toy" / name) & {"toy.run", "run", ".run"}
+        assert not cycle, f"toy/{name} imports {sorted(cycle)}: take what it needs as an argument instead"
+
+
+def test_the_toy_reuses_the_concept_modules_names_instead_of_redefining_them():
+    """One definition per concept (issue 19 item 4): the toy defines no name that a concept module defines
+    (COMPONENTS, build_curriculum, KINDS meant other things in both places), and its figures draw the
+    curriculum's own component order."""
+    concept = {m: _top_level_names(ROOT / f"{m}.py") for m in CONCEPT_MODULES}
+    for name in ("run.py", "figures.py", "manifold.py"):
+        toy_names = _top_level_names(ROOT / "toy" / name)
+        for module, names in concept.items():
+            assert not toy_names & names, f"toy/{name} redefines {sorted(toy_names & names)} of {module}.py"
+    import curriculum
+    from toy import figures
+
+    assert figures.COMPONENTS is curriculum.COMPONENTS

@@ -1,5 +1,11 @@
 """The toy's figures (toy/run.py computes, this file only draws): fixed axes, a legend per panel, and the
-schedule and eta in every title, so a figure read alone says what it shows."""
+schedule and eta in every title, so a figure read alone says what it shows.
+
+What a figure draws from the toy's runs arrives as an argument of `write_all` (the prompt directions u_p
+included); only figure 3 computes, from sde, the schedule's closed-form variances. So this file's only
+project imports are sde and curriculum (COMPONENTS), never toy/run.py: the script depends on its figures,
+not the other way round.
+"""
 from __future__ import annotations
 
 import math
@@ -12,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import sde  # noqa: E402
+from curriculum import COMPONENTS  # noqa: E402  the order of the score columns and the curriculum's stats
 
 COLORS = {"flow": "tab:red", "sage": "tab:blue", "cps": "tab:green", "dance": "tab:orange", "ode": "k"}
 ROW_COLORS = {
@@ -21,7 +28,6 @@ ROW_COLORS = {
     "tr_moving": "tab:cyan", "tr_stepwise": "tab:olive", "curriculum_self_paced": "tab:pink",
     "curriculum_taros": "tab:purple", "hack_dual_tr": "tab:blue", "hack_no_tr": "tab:red",
 }
-COMPONENTS = ("visual", "temporal", "semantic")
 
 
 def _ring(ax, lim=1.8):
@@ -53,8 +59,10 @@ def _band(ax, run, key, label=None, **kw):
 
 
 def write_all(out, args, explore, frontier, etas, matched, along, along_matched, grad_norms, runs, base_samples,
-              base_metrics, prompts):
-    sched = f"K = {args.num_steps}, shift {args.shift:g}"
+              base_metrics, prompts, prompt_directions):
+    """Write the nine PNGs into `out`. prompts: (M,) the prompt of each evaluation sample (rows of
+    base_samples and of each run's samples); prompt_directions: (P, 2) u_p, the arc each prompt rewards."""
+    schedule = f"K = {args.num_steps}, shift {args.shift:g}"
     by_name = {r["row"].name: r for r in runs}
 
     # 1. the fan: one x_T, many rollouts per kind at eta 0.5
@@ -67,7 +75,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
         ax.scatter(*traj.latents[0, 0], marker="*", s=150, color="k", zorder=5, label="x_T")
         ax.set_title(f"{kind}, eta 0.5: spread {spread:.2f}, |r-1| {off:.3f}", fontsize=10)
         ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"{len(traj.latents)} rollouts from one x_T (star) per SDE kind, exact ring velocity, {sched}. "
+    fig.suptitle(f"{len(traj.latents)} rollouts from one x_T (star) per SDE kind, exact ring velocity, {schedule}. "
                  "spread = mean distance of endpoints from their start's centroid (8 starts); |r-1| = mean "
                  "distance from the ring", fontsize=9)
     fig.tight_layout()
@@ -87,7 +95,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     ax.axvline(target, color="k", ls=":", lw=1, label=f"sage's spread at eta 0.5 ({target:.2f})")
     ax.set_xlabel("exploration: spread (mean endpoint distance from its start's centroid)")
     ax.set_ylabel("off-manifold: mean |r - 1| of endpoints"), ax.set_xlim(0, 1.2), ax.set_ylim(0, 0.5)
-    ax.set_title(f"Exploration vs manifold across eta (point labels), exact ring velocity, {sched}", fontsize=10)
+    ax.set_title(f"Exploration vs manifold across eta (point labels), exact ring velocity, {schedule}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out, "2_frontier.png", dpi=90)
@@ -103,7 +111,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     ratio = sde.step_variances(sig, "flow", 0.5) / sde.step_variances(sig, "sage", 0.5)
     a2.plot(sig[:-1], ratio, "o-", color="k", ms=3, label="V_flow / V_sage")
     a2.axhline(1, color="gray", ls=":", lw=1, label="equal")
-    a1.set_title(f"V_t per step, eta 0.5, {sched}", fontsize=10), a1.set_ylabel("V_t"), a1.set_ylim(1e-4, 1)
+    a1.set_title(f"V_t per step, eta 0.5, {schedule}", fontsize=10), a1.set_ylabel("V_t"), a1.set_ylim(1e-4, 1)
     a2.set_title("flow's surplus: V_flow / V_sage (step 0: sage's guard\nat sigma = 1 makes it the larger)", fontsize=10)
     a2.set_ylim(0, 3)
     a3.set_title("equalizer S_t = median(N) / N_t, N_t = |d mu_t / d v| / std_t", fontsize=10)
@@ -124,7 +132,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
             y = torch.tensor(rec[col]) - (torch.tensor(data["ode"][col]) if col == 1 else 0)
             ax.plot(rec[0], y, "o-", color=COLORS[kind], ms=3, label=f"{kind} (eta {eta:g})")
         ax.set_xlim(1.02, -0.02), ax.set_xlabel("sigma_t (1 = noise)")
-        ax.set_title(f"{title}\nexact ring velocity, {sched}", fontsize=10), ax.legend(fontsize=8)
+        ax.set_title(f"{title}\nexact ring velocity, {schedule}", fontsize=10), ax.legend(fontsize=8)
     axes[0].set_ylabel("mean | |x0_hat| - 1 | minus the ODE's,\nx0_hat = x_t - sigma_t v(x_t)")
     axes[0].set_ylim(-0.05, 0.25), axes[1].set_ylim(-0.05, 0.25)
     axes[2].set_ylabel("E|x_t|^2 / ((1 - sigma)^2 E|x0|^2 + 2 sigma^2) - 1"), axes[2].set_ylim(-0.35, 0.2)
@@ -135,14 +143,14 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     # 5. measured per-step gradient norms without / with the equalizer ([SAGE] Fig. 4)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
     for ax, key in zip(axes, ("without", "with")):
-        for kind, g in grad_norms.items():
-            v = torch.tensor(g[key])
-            ax.semilogy(g["sigma"], v, "o-", color=COLORS[kind], ms=3,
+        for kind, norms in grad_norms.items():
+            v = torch.tensor(norms[key])
+            ax.semilogy(norms["sigma"], v, "o-", color=COLORS[kind], ms=3,
                         label=f"{kind}: max/min {(v.max() / v.min()).item():.1f}")
         ax.set_xlim(1.02, 0), ax.set_ylim(1e-3, 1e2), ax.set_xlabel("sigma_t (1 = noise)"), ax.legend(fontsize=8)
         ax.set_title(f"{key} S_t", fontsize=10)
     axes[0].set_ylabel("|d policy loss / d theta| of one step")
-    fig.suptitle(f"Measured gradient norm per trained step, base MLP, one batch of 128, eta 0.5, {sched}",
+    fig.suptitle(f"Measured gradient norm per trained step, base MLP, one batch of 128, eta 0.5, {schedule}",
                  fontsize=10)
     fig.tight_layout()
     _save(fig, out, "5_gradnorm.png")
@@ -177,7 +185,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     ax.set_xlabel("KL to the initial policy (sum over steps, sage eta 0.5 scale)"), ax.set_ylabel("final ODE reward")
     ax.set_title("final reward vs KL, mean +- std over seeds", fontsize=10), ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"The ablation: one factor per row, {args.seeds} seeds (band = +- std), {args.iters} iterations, "
-                 f"reference = sage, eta 0.5, equalizer, dual trust region, equal weights, {sched}", fontsize=10)
+                 f"reference = sage, eta 0.5, equalizer, dual trust region, equal weights, {schedule}", fontsize=10)
     fig.tight_layout()
     _save(fig, out, "6_ablation.png", dpi=70)
 
@@ -194,7 +202,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     axes[0].set_ylim(0.2, 0.9), axes[1].set_ylim(0, 0.3), axes[2].set_yscale("symlog", linthresh=0.1)
     axes[2].set_ylim(0, 1e3)
     fig.suptitle(f"Trust-region variants ([SAGE] Fig. 8), everything else as the reference; {args.seeds} seeds, "
-                 f"{args.updates_per_rollout} updates per rollout, {sched}", fontsize=10)
+                 f"{args.updates_per_rollout} updates per rollout, {schedule}", fontsize=10)
     fig.tight_layout()
     _save(fig, out, "7_trust_region.png")
 
@@ -203,7 +211,7 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     fig, axes = plt.subplots(len(names), 4, figsize=(18, 3.6 * len(names)), squeeze=False)
     comp_colors = {"visual": "tab:blue", "temporal": "tab:orange", "semantic": "tab:green"}
     for r, name in enumerate(names):
-        h = by_name[name]["curriculum"]
+        h = by_name[name]["curriculum_history"]
         for c, (prefix, title, ylim) in enumerate((("w/", "weights w_j", (0, 1)), (None, "stage (1 vis, 2 temp, 3 sem)",
                                                    (0.9, 3.1)), ("hoyer/", "Hoyer sparsity within group", (0, 0.3)),
                                                    ("group_std/", "within-group std", (0, 0.2)))):
@@ -224,22 +232,19 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
     rows = [("base", base_samples, base_metrics)] + [
         (n, by_name[n]["samples"], by_name[n]["seeds"][0]) for n in ("reference", "hack_dual_tr", "hack_no_tr")
         if n in by_name]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(14, 3.6 * len(rows)), squeeze=False)
-    from toy.run import target_direction  # the prompt arcs, drawn as arrows
-
+    fig, axes = plt.subplots(len(rows), len(prompt_directions), figsize=(14, 3.6 * len(rows)), squeeze=False)
     for r, (label, x, m) in enumerate(rows):
-        for p in range(4):
+        for p, u in enumerate(prompt_directions):  # u: (2,) the prompt's arc, drawn as an arrow
             ax = axes[r, p]
             _ring(ax, 2.2)
             clips = x[prompts == p][:40]  # (40, F, 2)
             _paths(ax, clips, "tab:blue", lw=0.8, alpha=0.4)
             ax.scatter(clips[:, -1, 0], clips[:, -1, 1], s=6, color="tab:blue")
-            u = target_direction(torch.tensor([p]))[0]
             ax.annotate("", xy=(1.45 * u[0], 1.45 * u[1]), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color="r"))
             ax.set_title(f"{label}, prompt {p}", fontsize=9)
         axes[r, 0].set_ylabel(f"vis {m['visual']:.2f} temp {m['temporal']:.2f} sem {m['semantic']:.2f}\n"
                               f"|r-1| {m['offring']:.2f} diversity {m['diversity']:.2f}", fontsize=8)
-    fig.suptitle(f"ODE samples of seed 0 (4 frames joined, dot = last frame; red arrow = the prompt's arc), {sched}",
+    fig.suptitle(f"ODE samples of seed 0 (4 frames joined, dot = last frame; red arrow = the prompt's arc), {schedule}",
                  fontsize=10)
     fig.tight_layout()
     _save(fig, out, "9_samples.png", dpi=70)

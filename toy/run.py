@@ -56,8 +56,8 @@ Deviations / choices
    update than over a video latent, and 1e-4 would clip almost every sample after the first update.
 4. Curriculum thresholds are set relative to the base policy's own rollout scores (tau_j = base mean
    + 0.05, steepness 30), since the toy's score scale has nothing to do with VideoAlign's.
-5. Each rollout batch feeds `updates_per_rollout` = 2 optimizer steps (the trained step columns are split
-   in two). With one update per rollout the policy equals the rollout policy at its only update, so
+5. Each rollout batch feeds `updates_per_rollout` = 2 optimizer updates (the trained timestep columns are
+   split in two). With one update per rollout the policy equals the rollout policy at its only update, so
    KL_vel and its gradient are exactly 0 and the step-wise row would equal "none".
 6. The seeds of a row run as one batched model: every weight has a leading seed dim E, the batch is E
    blocks of B x G samples, and each seed's gradient is clipped by its own norm, so the E copies train
@@ -65,6 +65,11 @@ Deviations / choices
 
 The update phase calls the same functions as train.py: grpo.select_timesteps, trust_region.anchor_means,
 trust_region.kl_coefficient, grpo.trained_step_loss, MovingAnchor.step.
+
+Names: an iteration (`iteration`, `--iters`) is one rollout batch and `updates_per_rollout` optimizer updates;
+a denoising step is one of the K = `--num_steps` steps of the schedule, indexed by t (`timesteps` holds the
+indices each sample trains); `--pretrain_steps` counts the base policy's optimizer updates. The figures
+(toy/figures.py) receive everything they draw as arguments and never import this script.
 """
 from __future__ import annotations
 
@@ -89,7 +94,7 @@ import trust_region  # noqa: E402
 from toy.manifold import mixture_velocity, ring_distance, ring_means  # noqa: E402
 
 NUM_PROMPTS = 4
-KINDS = ("flow", "sage", "cps", "dance")
+SDE_KINDS = ("flow", "sage", "cps", "dance")  # the kinds the toy compares: sde.KINDS without "ode", figure order
 METRICS = ("visual", "temporal", "semantic", "total", "total_own_weights", "offring", "kl_init", "diversity")
 
 
@@ -98,6 +103,7 @@ METRICS = ("visual", "temporal", "semantic", "total", "total_own_weights", "offr
 
 
 def target_direction(p: torch.Tensor) -> torch.Tensor:
+    """(N, 2) u_p, the unit direction of prompt p's arc: four prompts at 45, 135, 225 and 315 degrees."""
     angle = p.float() * (2 * math.pi / NUM_PROMPTS) + math.pi / 4
     return torch.stack([angle.cos(), angle.sin()], -1)  # (N, 2) u_p
 
@@ -172,25 +178,25 @@ class VelocityMLP(nn.Module):
         return out
 
 
-def pretrain(frames: int, steps: int, cache: str | None, seed: int = 0) -> VelocityMLP:
-    """Flow matching on clips whose prompt label is right 30 % of the time; cached on disk (a plain state
-    dict, loaded with weights_only=True)."""
+def pretrain(frames: int, num_updates: int, cache: str | None, seed: int = 0) -> VelocityMLP:
+    """Flow matching on clips whose prompt label is right 30 % of the time, `num_updates` Adam updates of 512
+    clips each; cached on disk (a plain state dict, loaded with weights_only=True)."""
     torch.manual_seed(seed)  # the MLP's initial weights: before building it, so a fresh pretrain is reproducible
     net = VelocityMLP(2 * frames)
     if cache and os.path.exists(cache):
         net.load_state_dict(torch.load(cache, weights_only=True))
         return net
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_updates)
+    for _ in range(num_updates):
         true_p = torch.randint(NUM_PROMPTS, (512,), generator=g)
         x0 = sample_videos(true_p, frames, g).flatten(1)  # (512, 2F)
         shown = torch.where(torch.rand(512, generator=g) < 0.3, true_p, torch.randint(NUM_PROMPTS, (512,), generator=g))
         eps, sigma = torch.randn(x0.shape, generator=g), torch.rand(512, generator=g)
         x = (1 - sigma[:, None]) * x0 + sigma[:, None] * eps
         loss = (net(x, sigma, shown) - (eps - x0)).pow(2).mean()  # flow-matching regression onto v = eps - x0
-        opt.zero_grad(), loss.backward(), opt.step(), sched.step()
+        optimizer.zero_grad(), loss.backward(), optimizer.step(), lr_schedule.step()
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         torch.save(net.state_dict(), cache)
@@ -326,23 +332,23 @@ def make_evaluation(base: VelocityMLP, args) -> dict:
 
 
 @torch.no_grad()
-def evaluate(net: VelocityMLP, ev: dict, args, weights=(1.0, 1.0, 1.0)) -> dict:
-    """Per-copy metrics (each an (E,) tensor) on ODE samples of fixed prompts and noise."""
-    E, M = net.copies, len(ev["prompts"])
-    prompts = ev["prompts"].repeat(E)  # (E M,)
+def evaluate(net: VelocityMLP, eval_set: dict, args, weights=(1.0, 1.0, 1.0)) -> dict:
+    """Per-copy metrics (each an (E,) tensor) on ODE samples of make_evaluation's fixed prompts and noise."""
+    E, M = net.copies, len(eval_set["prompts"])
+    prompts = eval_set["prompts"].repeat(E)  # (E M,)
     velocity = lambda x, s: net(x, s, prompts)  # noqa: E731
-    traj = sde.rollout(velocity, ev["x_T"].repeat(E, 1), ev["sigmas"], "ode", 0.0)
+    traj = sde.rollout(velocity, eval_set["x_T"].repeat(E, 1), eval_set["sigmas"], "ode", 0.0)
     x = traj.latents[:, -1].view(E, M, args.frames, 2)
     scores = toy_scores(x.flatten(0, 1), prompts).view(E, M, 3)  # (E, M, 3)
     w = torch.tensor(weights) / sum(weights)
     # Circular std of the last frame's angle per prompt: sqrt(-2 log R), R the mean resultant length.
     angle = torch.atan2(x[:, :, -1, 1], x[:, :, -1, 0]).view(E, NUM_PROMPTS, -1)  # (E, P, M / P)
     R = torch.stack([angle.cos().mean(-1), angle.sin().mean(-1)], -1).norm(dim=-1).clamp(1e-6, 1)  # (E, P)
-    states = sde.Trajectory.cat([ev["states"]] * E)
+    states = sde.Trajectory.cat([eval_set["states"]] * E)
     kl = torch.zeros(E)
-    for t in range(args.num_steps):
-        step = sde.policy_step(velocity, states, torch.full((E * M,), t), "sage", 0.5)
-        kl += trust_region.gaussian_kl(step.mu, ev["mu0"][:, t].repeat(E, 1), step.std**2).view(E, M).mean(1)
+    for t in range(args.num_steps):  # t: a denoising step
+        policy = sde.policy_step(velocity, states, torch.full((E * M,), t), "sage", 0.5)
+        kl += trust_region.gaussian_kl(policy.mu, eval_set["mu0"][:, t].repeat(E, 1), policy.std**2).view(E, M).mean(1)
     return {"visual": scores[..., 0].mean(1), "temporal": scores[..., 1].mean(1), "semantic": scores[..., 2].mean(1),
             "total": scores.mean((1, 2)), "total_own_weights": (scores * w).sum(-1).mean(1),
             "offring": ring_distance(x).mean((1, 2)), "kl_init": kl, "diversity": (-2 * R.log()).sqrt().mean(1),
@@ -359,80 +365,85 @@ def clip_grad_norm_per_copy_(net: VelocityMLP, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def build_curriculum(row: Row, tau):
+def row_curriculum(row: Row, tau):
+    """A fresh curriculum for one seed of `row`: its fixed weights when static, else curriculum.build_curriculum's
+    competence-driven kind with the toy's thresholds tau (Deviations 4)."""
     if row.curriculum == "static":
-        return curriculum.StaticCurriculum(row.weights)
+        return curriculum.build_curriculum("static", weights=row.weights)
     return curriculum.build_curriculum(row.curriculum, tau=tau, k=30.0)  # Deviations 4
 
 
-def train_row(base: VelocityMLP, row: Row, args, tau, ev) -> dict:
+def train_row(base: VelocityMLP, row: Row, args, tau, eval_set) -> dict:
     """GRPO on the toy for one row, its seeds batched (Deviations 6); the same phases as train.py."""
     torch.manual_seed(args.seed)
     E, G = args.seeds, args.group_size
     n = args.prompts_per_iter * G  # samples per seed
     net = base.replicate(E)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     anchor = trust_region.MovingAnchor(net, row.anchor_every)
-    curricula = [build_curriculum(row, tau) for _ in range(E)]  # each seed keeps its own competence
+    curricula = [row_curriculum(row, tau) for _ in range(E)]  # each seed keeps its own competence
     sigmas = sde.sigma_schedule(args.num_steps, args.shift)
     stochastic = sde.step_variances(sigmas, row.kind, row.eta) > 0  # (K,)
     S = sde.equalizer_weights(sigmas, row.kind, row.eta) if row.equalizer else stochastic.float()  # as train.py
-    hist = {"iter": [], **{m: [] for m in METRICS}}
-    cur_hist = {"iter": []}
+    history = {"iter": [], **{k: [] for k in METRICS}}  # ODE metrics, one list per seed at each evaluation
+    curriculum_history = {"iter": []}  # the curriculum's stats of the training batches, mean over seeds
     first_ratio_dev = None
     start = time.time()
-    for it in range(args.iters + 1):
-        if it % args.eval_every == 0 or it == args.iters:  # ODE evaluation, before this iteration's update
-            m = evaluate(net, ev, args, row.weights)
-            hist["iter"].append(it)
+    for iteration in range(args.iters + 1):
+        if iteration % args.eval_every == 0 or iteration == args.iters:  # ODE evaluation, before this update
+            metrics = evaluate(net, eval_set, args, row.weights)
+            history["iter"].append(iteration)
             for k in METRICS:
-                hist[k].append(m[k].tolist())  # one value per seed
-        if it == args.iters:
+                history[k].append(metrics[k].tolist())  # one value per seed
+        if iteration == args.iters:
             break
-        # Common random numbers: iteration it of seed e draws the same prompts and noise in every row.
-        g = torch.Generator().manual_seed(args.seed * 100003 + it)
+        # Common random numbers: iteration i of seed e draws the same prompts and noise in every row.
+        g = torch.Generator().manual_seed(args.seed * 100003 + iteration)
         # 1. sample: per seed, B prompts x G rollouts with the row's SDE, log-probs stored
         prompts = torch.randint(NUM_PROMPTS, (E, args.prompts_per_iter), generator=g).repeat_interleave(G, 1).flatten()
         velocity = lambda x, s: net(x, s, prompts)  # noqa: E731
         traj = sde.rollout(velocity, torch.randn(E * n, 2 * args.frames, generator=g), sigmas, row.kind, row.eta, g)
         # 2. reward: three components, mixed by each seed's curriculum
         scores = toy_scores(traj.latents[:, -1].view(E * n, args.frames, 2), prompts)  # (E n, 3)
-        rewards, cstats = [], []
-        for e, cur in enumerate(curricula):
-            part = scores[e * n:(e + 1) * n]
-            cur.update(part.mean(0))  # competence includes this batch, then the weights follow (as train.py)
-            r, st = cur.reward(part, G)
-            rewards.append(r), cstats.append(st)
+        rewards, curriculum_stats = [], []  # per seed: (n,) mixed rewards, the curriculum's stats dict
+        for e, seed_curriculum in enumerate(curricula):
+            seed_scores = scores[e * n:(e + 1) * n]  # (n, 3)
+            # As train.py: the competence includes this batch first, then the weights follow.
+            seed_curriculum.update(seed_scores.mean(0))
+            seed_rewards, seed_stats = seed_curriculum.reward(seed_scores, G)  # (n,), dict
+            rewards.append(seed_rewards), curriculum_stats.append(seed_stats)
         # 3. advantage within each prompt's group (groups never straddle two seeds: n is a multiple of G)
         A = grpo.group_advantages(torch.cat(rewards), G)  # (E n,)
-        # 4. update: anchor means once, then updates_per_rollout optimizer steps over the step columns
-        steps = grpo.select_timesteps(E * n, stochastic, 1.0, g)  # (E n, K_s)
-        lam = trust_region.kl_coefficient(anchor.num_updates, 0.01, 1.0, args.iters // 2)  # Deviations 2
-        mu_anchor = trust_region.anchor_means(anchor, lambda mb: velocity, traj, steps, row.kind, row.eta,
-                                              [slice(None)], row.beta_pos)
-        for cols in torch.arange(steps.shape[1]).chunk(args.updates_per_rollout):  # Deviations 5
-            opt.zero_grad()
-            for j in cols.tolist():
-                loss, st = grpo.trained_step_loss(velocity, traj, steps[:, j], A, row.kind, row.eta, S,
-                                                  None if mu_anchor is None else mu_anchor[:, j], lam,
-                                                  row.beta_pos, row.beta_vel, args.clip_range)
+        # 4. update: anchor means once, then updates_per_rollout optimizer updates over the timestep columns
+        timesteps = grpo.select_timesteps(E * n, stochastic, 1.0, g)  # (E n, K_s) denoising-step indices
+        lambda_kl = trust_region.kl_coefficient(anchor.num_updates, start=0.01, end=1.0,
+                                                ramp_steps=args.iters // 2)  # Deviations 2
+        mu_anchor = trust_region.anchor_means(anchor, lambda mb: velocity, traj, timesteps, row.kind, row.eta,
+                                              [slice(None)], row.beta_pos)  # (E n, K_s, 2F) or None
+        for columns in torch.arange(timesteps.shape[1]).chunk(args.updates_per_rollout):  # Deviations 5
+            optimizer.zero_grad()
+            for j in columns.tolist():
+                loss, loss_stats = grpo.trained_step_loss(
+                    velocity, traj, timesteps[:, j], A, kind=row.kind, eta=row.eta, weight=S,
+                    mu_anchor=None if mu_anchor is None else mu_anchor[:, j], lambda_kl=lambda_kl,
+                    beta_pos=row.beta_pos, beta_vel=row.beta_vel, clip_range=args.clip_range)
                 if first_ratio_dev is None:
-                    first_ratio_dev = st["ratio_dev_max"].item()  # the on-policy check: exactly 0
+                    first_ratio_dev = loss_stats["ratio_dev_max"].item()  # the on-policy check: exactly 0
                 # x E: the loss is a mean over all E n samples; each seed's own mean is what one run would use.
-                # / len(cols): the mean over the update's trained steps, as train.py's accumulation divides.
-                (loss * E / len(cols)).backward()
+                # / len(columns): the mean over the update's trained timesteps, as train.py's accumulation divides.
+                (loss * E / len(columns)).backward()
             clip_grad_norm_per_copy_(net, 1.0)
-            opt.step()
-            anchor.step()
+            optimizer.step()
+            anchor.step()  # counts the optimizer update; refreshes the anchor every row.anchor_every of them
         # 5. log the curriculum's view of this batch (mean over seeds)
-        if it % args.log_every == 0:
-            cur_hist["iter"].append(it)
-            for k in cstats[0]:
-                cur_hist.setdefault(k, []).append(sum(s[k] for s in cstats) / E)
-    final = {k: hist[k][-1] for k in METRICS}
+        if iteration % args.log_every == 0:
+            curriculum_history["iter"].append(iteration)
+            for k in curriculum_stats[0]:
+                curriculum_history.setdefault(k, []).append(sum(stats[k] for stats in curriculum_stats) / E)
+    final = {k: history[k][-1] for k in METRICS}
     seeds = [{k: final[k][e] for k in METRICS} for e in range(E)]
-    return {"row": row, "seeds": seeds, "history": hist, "curriculum": cur_hist, "first_ratio_dev": first_ratio_dev,
-            "wall_s": time.time() - start, "samples": m["samples"][0]}
+    return {"row": row, "seeds": seeds, "history": history, "curriculum_history": curriculum_history,
+            "first_ratio_dev": first_ratio_dev, "wall_s": time.time() - start, "samples": metrics["samples"][0]}
 
 
 def _train_row_job(job) -> dict:
@@ -452,10 +463,11 @@ def mean_std(seeds: list[dict]) -> tuple[dict, dict]:
 
 
 def gradient_norms(base: VelocityMLP, args) -> dict:
-    """[SAGE] Fig. 4 measured: per step, |d policy loss / d theta| of the base MLP, without and with S_t."""
+    """[SAGE] Fig. 4 measured: per denoising step, |d policy loss / d theta| of the base MLP, without and with
+    S_t (policy term only: no anchor, lambda_KL = 0)."""
     out = {}
     sigmas = sde.sigma_schedule(args.num_steps, args.shift)
-    for kind in KINDS:
+    for kind in SDE_KINDS:
         g = torch.Generator().manual_seed(5)
         prompts = torch.arange(NUM_PROMPTS).repeat_interleave(32)
         velocity = lambda x, s: base(x, s, prompts)  # noqa: E731
@@ -465,11 +477,12 @@ def gradient_norms(base: VelocityMLP, args) -> dict:
         S = sde.equalizer_weights(sigmas, kind, 0.5)
         rows = {"sigma": [], "without": [], "with": []}
         for t in torch.nonzero(traj.is_stochastic).flatten().tolist():
-            tt = torch.full((len(prompts),), t)
+            t_per_sample = torch.full((len(prompts),), t)  # (N,) every sample trains denoising step t
             norms = []
             for weight in (torch.ones_like(S), S):
-                loss, _ = grpo.trained_step_loss(velocity, traj, tt, A, kind, 0.5, weight, None, 0.0, 0.0, 0.0,
-                                                 args.clip_range)
+                loss, _ = grpo.trained_step_loss(velocity, traj, t_per_sample, A, kind=kind, eta=0.5, weight=weight,
+                                                 mu_anchor=None, lambda_kl=0.0, beta_pos=0.0, beta_vel=0.0,
+                                                 clip_range=args.clip_range)
                 grads = torch.autograd.grad(loss, list(base.parameters()))
                 norms.append(torch.sqrt(sum(gr.pow(2).sum() for gr in grads)).item())
             rows["sigma"].append(sigmas[t].item()), rows["without"].append(norms[0]), rows["with"].append(norms[1])
@@ -487,15 +500,15 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="5 rows, 30 iterations: what tests/test_toy.py runs")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--seeds", type=int, default=3, help="seeds per row, trained as one batched model")
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--iters", type=int, default=200, help="iterations: rollout batches per row")
     p.add_argument("--prompts_per_iter", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8)
-    p.add_argument("--num_steps", type=int, default=10)
+    p.add_argument("--num_steps", type=int, default=10, help="denoising steps K of the schedule")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--clip_range", type=float, default=0.01, help="Deviations 3")
     p.add_argument("--updates_per_rollout", type=int, default=2, help="Deviations 5")
-    p.add_argument("--pretrain_steps", type=int, default=3000)
+    p.add_argument("--pretrain_steps", type=int, default=3000, help="optimizer updates of the base policy")
     p.add_argument("--eval_every", type=int, default=20)
     p.add_argument("--eval_per_prompt", type=int, default=64)
     p.add_argument("--log_every", type=int, default=5)
@@ -523,15 +536,16 @@ def main(argv=None) -> dict:
     # Exploration with the exact ring velocity, on the training schedule (K, shift) (Deviations 1).
     K, shift = args.num_steps, args.shift
     etas = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    explore = {k: {e: exploration(k, e, K, shift) for e in etas} for k in KINDS}
-    frontier = {k: {e: {"spread": explore[k][e][1], "offring": explore[k][e][2]} for e in etas} for k in KINDS}
+    explore = {k: {e: exploration(k, e, K, shift) for e in etas} for k in SDE_KINDS}
+    frontier = {k: {e: {"spread": explore[k][e][1], "offring": explore[k][e][2]} for e in etas} for k in SDE_KINDS}
     matched = matched_etas(frontier, etas, frontier["sage"][0.5]["spread"])
-    along = {k: offmanifold_along(k, 0.5, K, shift) for k in ("ode",) + KINDS}  # ode: the no-noise reference
-    along_matched = {"ode": along["ode"], **{k: offmanifold_along(k, matched[k] or 1.0, K, shift) for k in KINDS}}
+    along = {k: offmanifold_along(k, 0.5, K, shift) for k in ("ode",) + SDE_KINDS}  # ode: the no-noise reference
+    along_matched = {"ode": along["ode"], **{k: offmanifold_along(k, matched[k] or 1.0, K, shift) for k in SDE_KINDS}}
     # The SPEC §7 measurement: many independent x_T, K = 20 (and the training K), eta 0.5.
-    offring_exact = {f"K{k_}_shift3_eta0.5": {
-        k: ring_distance(exact_rollout(k, 0.5, torch.randn(4096, 2, generator=torch.Generator().manual_seed(1)),
-                                       k_, 3.0, 2).latents[:, -1]).mean().item() for k in KINDS} for k_ in (20, K)}
+    offring_exact = {f"K{num_steps}_shift3_eta0.5": {
+        kind: ring_distance(exact_rollout(kind, 0.5, torch.randn(4096, 2, generator=torch.Generator().manual_seed(1)),
+                                          num_steps, 3.0, 2).latents[:, -1]).mean().item() for kind in SDE_KINDS}
+        for num_steps in (20, K)}
 
     # Curriculum thresholds relative to the base policy's own rollout scores (Deviations 4).
     g = torch.Generator().manual_seed(999)
@@ -543,8 +557,8 @@ def main(argv=None) -> dict:
     tau = (base_rollout[0].item() + 0.05, base_rollout[1].item() + 0.05)
 
     t_explore = time.time() - t0 - t_pretrain
-    ev = make_evaluation(base, args)
-    base_m = evaluate(base, ev, args)
+    eval_set = make_evaluation(base, args)
+    base_metrics = evaluate(base, eval_set, args)
     grad_norms = gradient_norms(base, args)
     rows = [r for r in ablation_rows(matched) if not args.quick or r.name in QUICK_ROWS]
     jobs = [({k: v.clone() for k, v in base.state_dict().items()}, row, args, tau) for row in rows]
@@ -564,8 +578,10 @@ def main(argv=None) -> dict:
     from toy import figures  # matplotlib is imported only to draw
 
     figures.write_all(args.out, args, explore=explore, frontier=frontier, etas=etas, matched=matched, along=along,
-                      along_matched=along_matched, grad_norms=grad_norms, runs=runs, base_samples=base_m["samples"][0],
-                      base_metrics={k: base_m[k].item() for k in METRICS}, prompts=ev["prompts"])
+                      along_matched=along_matched, grad_norms=grad_norms, runs=runs,
+                      base_samples=base_metrics["samples"][0],
+                      base_metrics={k: base_metrics[k].item() for k in METRICS}, prompts=eval_set["prompts"],
+                      prompt_directions=target_direction(torch.arange(NUM_PROMPTS)))  # (P, 2) the arrows of 9_samples
 
     t_figures = time.time() - t0 - t_pretrain - t_explore - t_rows
     ablation = []
@@ -574,17 +590,17 @@ def main(argv=None) -> dict:
         ablation.append({"name": run["row"].name, "factor": run["row"].factor, "compare_to": run["row"].compare_to,
                          "config": asdict(run["row"]), "seeds": run["seeds"], "mean": mean, "std": std,
                          "first_ratio_dev": run["first_ratio_dev"], "wall_s": run["wall_s"],
-                         "history": run["history"], "curriculum_history": run["curriculum"]})
+                         "history": run["history"], "curriculum_history": run["curriculum_history"]})
     summary = {
         "args": vars(args),
         "pretrain_s": t_pretrain,
         "wall_s": {"pretrain": t_pretrain, "exploration": t_explore, "rows": t_rows, "figures": t_figures},
-        "exploration": {k: {str(e): frontier[k][e] for e in etas} for k in KINDS},
+        "exploration": {k: {str(e): frontier[k][e] for e in etas} for k in SDE_KINDS},
         "matched_eta": matched,
         "offring_exact_velocity": offring_exact,
         "offmanifold_along": {"eta0.5": along, "matched": along_matched},
         "grad_norms": grad_norms,
-        "base_ode": {k: base_m[k].item() for k in METRICS},
+        "base_ode": {k: base_metrics[k].item() for k in METRICS},
         "curriculum_tau": tau,
         "ablation": ablation,
         "total_s": time.time() - t0,
