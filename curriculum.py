@@ -53,6 +53,8 @@ import warnings
 
 import torch
 
+# The three reward components, in the order of the curriculum's stages (visual fidelity, then temporal
+# coherence, then text-video alignment). Every scorer returns its scores in this order (rewards.py).
 COMPONENTS = ("visual", "temporal", "semantic")
 
 

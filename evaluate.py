@@ -46,7 +46,7 @@ import rewards
 import sample
 from models import backbones
 from training import export
-from train import ConfigError, read_prompts, run_command
+from training.options import ConfigError, read_prompts, run_command
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "eval_prompts.txt")
 COLUMNS = (*rewards.COMPONENTS, "total")

@@ -118,7 +118,7 @@ def clipped_surrogate(logp, logp_old, A, clip_range: float):
     return loss, stats
 
 
-def step_loss(logp, logp_old, A, weight, kl_pos, kl_vel, lambda_kl, beta_pos, beta_vel, clip_range):
+def step_loss(logp, logp_old, A, weight, kl_pos, kl_vel, *, lambda_kl, beta_pos, beta_vel, clip_range):
     """Mean over the batch of one trained step's loss (SPEC §4-5) and its stats.
 
     weight: (N,) equalizer S_t of each sample's step (ones to disable). kl_pos / kl_vel: (N,) from
@@ -141,7 +141,8 @@ def step_loss(logp, logp_old, A, weight, kl_pos, kl_vel, lambda_kl, beta_pos, be
     return loss.mean(), stats
 
 
-def trained_step_loss(velocity_fn, traj, t, A, kind, eta, weight, mu_anchor, lambda_kl, beta_pos, beta_vel, clip_range):
+def trained_step_loss(velocity_fn, traj, t, A, *, kind, eta, weight, mu_anchor, lambda_kl, beta_pos, beta_vel,
+                      clip_range):
     """Loss of one trained step per sample: the inner-loop body shared by train.py and the toy.
 
     t: (N,) the step each sample trains now (column j of select_timesteps). weight: (K,) equalizer
@@ -154,5 +155,5 @@ def trained_step_loss(velocity_fn, traj, t, A, kind, eta, weight, mu_anchor, lam
     stored = traj.at(t)  # mu_old, logp_old of the rollout policy
     # One variance for theta, anchor and old policy: V_t depends on the schedule only.
     kl_pos, kl_vel = trust_region.kl_terms(policy.mu, stored.mu_old, mu_anchor, policy.std**2, beta_pos, beta_vel)
-    return step_loss(policy.logp, stored.logp_old, A, weight.to(t.device)[t], kl_pos, kl_vel, lambda_kl, beta_pos,
-                     beta_vel, clip_range)
+    return step_loss(policy.logp, stored.logp_old, A, weight.to(t.device)[t], kl_pos, kl_vel, lambda_kl=lambda_kl,
+                     beta_pos=beta_pos, beta_vel=beta_vel, clip_range=clip_range)

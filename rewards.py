@@ -43,7 +43,8 @@ import re
 
 import torch
 
-COMPONENTS = ("visual", "temporal", "semantic")
+from curriculum import COMPONENTS  # the three components, in the curriculum's stage order (one definition)
+
 REWARDS = ("proxy", "videoalign", "vlm")
 DEFAULT_MODELS = {"videoalign": "KwaiVGI/VideoReward", "vlm": "Qwen/Qwen2.5-VL-7B-Instruct"}
 logger = logging.getLogger(__name__)

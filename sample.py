@@ -40,7 +40,7 @@ import torch
 import sde
 from models import backbones
 from training import checkpoint, export
-from train import ConfigError, read_prompts, run_command
+from training.options import ConfigError, read_prompts, run_command
 
 SETTINGS = ("num_frames", "height", "width", "fps", "num_steps", "guidance", "shift", "micro_batch_size")
 

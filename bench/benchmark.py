@@ -8,9 +8,9 @@ What it measures, each with the calls train.py makes, printed as it finishes and
    forward per step (`backbones.velocity_fn`), no grad: seconds per video, TFLOP/s, MFU.
 3. training step, per mode (`--modes`: `lora` = r 32 adapters, `full` = every weight) and per setup
    (`--train_variants`): `grpo.trained_step_loss` + backward for every trained timestep of every sample, then
-   one AdamW step (`train.make_optimizers`), with gradient checkpointing as train.py sets it. `--trace` adds a
+   one AdamW step (`training.optimizers.make_optimizers`), with gradient checkpointing as train.py sets it. `--trace` adds a
    torch.profiler table (top 15 kernels by device time) of one forward + backward of the first setup.
-4. optimizer (`--optimizer_rounds`, per mode): one AdamW step vs one Muon step (`train.make_optimizers`, as
+4. optimizer (`--optimizer_rounds`, per mode): one AdamW step vs one Muon step (`training.optimizers.make_optimizers`, as
    `--optimizer adamw|muon`) on the trained parameters, interleaved rounds, median.
 5. SDE window (`--windows 2,4`, `--shared_prefix`; last mode only): the iteration's model phases (rollout with
    `backbones.sample`, anchor means with `trust_region.anchor_means`, training with `grpo.trained_step_loss` on
@@ -76,7 +76,6 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import diffusers
 import torch
@@ -84,10 +83,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import grpo  # noqa: E402
 import sde  # noqa: E402
-import train  # noqa: E402
 import trust_region  # noqa: E402
 from models import backbones  # noqa: E402
 from training import profiling  # noqa: E402
+from training.optimizers import make_optimizers  # noqa: E402
 
 KIND, ETA = "sage", 0.5   # the rollout's SDE: its cost does not depend on the kind
 
@@ -309,7 +308,7 @@ def compare_optimizers(params, rounds_n: int, device, mode: str) -> dict | str:
     for p in params:
         p.grad = 1e-3 * torch.randn(p.shape, generator=g, device=device, dtype=p.dtype)
     try:
-        optimizers = {name: train.make_optimizers(params, name=name, lr=3e-4, weight_decay=1e-4) for name in ("adamw", "muon")}
+        optimizers = {name: make_optimizers(params, name=name, lr=3e-4, weight_decay=1e-4) for name in ("adamw", "muon")}
 
         def step_s(name):
             sync(device)
@@ -346,9 +345,8 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
     mb = args.micro_batch_size or preset["micro_batch_size"] or G
     stochastic = sde.step_variances(sigmas, KIND, ETA) > 0   # (K,)
     setups = {"full": (stochastic, False)}
-    for W in widths:   # train.py's own window choice, at the last start (Choices 6)
-        window = train.sde_window(SimpleNamespace(sde_window=W, sde_window_start=str(int(stochastic.sum()) - W)),
-                                  stochastic, 0)   # (K,) bool
+    for W in widths:   # train.py's window (a fixed --sde_window_start), at the last start (Choices 6)
+        window = sde.window_mask(stochastic, int(stochastic.sum()) - W, W)   # (K,) bool
         setups[f"window {W}"] = (window, False)
         if args.shared_prefix:
             setups[f"window {W} shared prefix"] = (window, True)
@@ -356,7 +354,7 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
         family.enable_gradient_checkpointing(model)
     else:
         model.disable_gradient_checkpointing()
-    optimizers = train.make_optimizers(params, name="adamw", lr=3e-4, weight_decay=1e-4)
+    optimizers = make_optimizers(params, name="adamw", lr=3e-4, weight_decay=1e-4)
     anchor = trust_region.MovingAnchor(model, anchor_every=0)
     anchor.step()   # one update behind: the anchor pass runs (Choices 6)
     timer = profiling.PhaseTimer(model, device, profile=True)
@@ -380,8 +378,9 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
         with timer("train"):
             for j in range(steps.shape[1]):
                 for rows in micro:
-                    loss, _ = grpo.trained_step_loss(velocity_for(rows), traj.rows(rows), steps[rows, j], A[rows],
-                                                     KIND, ETA, S, mu_anchor[rows, j], 1e-7, 1.0, 0.1, 1e-4)
+                    loss, _ = grpo.trained_step_loss(
+                        velocity_for(rows), traj.rows(rows), steps[rows, j], A[rows], kind=KIND, eta=ETA, weight=S,
+                        mu_anchor=mu_anchor[rows, j], lambda_kl=1e-7, beta_pos=1.0, beta_vel=0.1, clip_range=1e-4)
                     with timer.backward():
                         (loss / (steps.shape[1] * len(micro))).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -437,8 +436,9 @@ def time_training(family, model, optimizers, params, velocity_fn, traj, steps, A
         torch.cuda.reset_peak_memory_stats(device)
 
     def fwd_bwd(rows, j, scale):
-        loss, _ = grpo.trained_step_loss(velocity_fn(rows), traj.rows(rows), steps[rows, j], A[rows], KIND, ETA, S,
-                                         None, 1e-7, 1.0, 0.1, 1e-4)
+        loss, _ = grpo.trained_step_loss(velocity_fn(rows), traj.rows(rows), steps[rows, j], A[rows], kind=KIND,
+                                         eta=ETA, weight=S, mu_anchor=None, lambda_kl=1e-7, beta_pos=1.0,
+                                         beta_vel=0.1, clip_range=1e-4)
         (loss / scale).backward()
 
     try:
@@ -490,7 +490,7 @@ def measure(args, family, model, params, velocity_fn, x_T, gens, sigmas, per_vid
     """Rollout of G videos, then the training variants (the first is the headline figure) for `params`, then
     with `compile_last` the first variant again without and with compile_repeated_blocks."""
     G, K = x_T.shape[0], len(sigmas) - 1
-    optimizers = train.make_optimizers(params, name="adamw", lr=3e-4, weight_decay=1e-4)
+    optimizers = make_optimizers(params, name="adamw", lr=3e-4, weight_decay=1e-4)
     out = {}
     # 2. rollout: K steps of G videos, batched CFG
     model.eval()

@@ -205,7 +205,7 @@ def saved_tensor_bytes(model, loss_fn) -> int:
 
 
 def options(name, **changes) -> dict:
-    """estimate_memory's options for `name` at its preset (as train.resolve fills them) with G = 4, changed by
+    """estimate_memory's options for `name` at its preset (as options.resolve fills them) with G = 4, changed by
     `changes`."""
     p = backbones.preset(name)
     micro = p["micro_batch_size"] or changes.get("batch_size", 4)

@@ -30,7 +30,7 @@ import curriculum
 import train
 import trust_region
 from models import backbones
-from training import checkpoint, export, logs
+from training import checkpoint, export, logs, options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -519,7 +519,7 @@ def test_a_run_folder_from_before_records_is_taken_as_ours(tmp_path):
 
 
 def run(out, *args) -> list[dict]:
-    return train.main(train.parse_args(["--backbone", "tiny", "--output_dir", str(out), *map(str, args)]))
+    return train.main(options.parse_args(["--backbone", "tiny", "--output_dir", str(out), *map(str, args)]))
 
 
 RUN = ("--max_steps", 3, "--checkpointing_steps", 1, "--validation_steps", 0)
@@ -739,7 +739,7 @@ def test_each_bad_option_fails_in_milliseconds_before_any_model(tmp_path, monkey
 
 def test_a_sliding_window_makes_the_run_length_part_of_the_resume_check():
     """The sliding window is laid out over --max_steps, so extending such a run would move the window: refused."""
-    make = lambda **kw: train.resolve(train.parse_args(["--backbone", "tiny", "--sde_window", "2", *[
+    make = lambda **kw: options.resolve(options.parse_args(["--backbone", "tiny", "--sde_window", "2", *[
         a for k, v in kw.items() for a in (f"--{k}", str(v))]]))
     identity = lambda cfg: checkpoint.run_identity(cfg, 1, "no", ["p"], ["v"])
     assert identity(make(max_steps=4)) == identity(make(max_steps=8))  # random window: the length may change
@@ -748,7 +748,7 @@ def test_a_sliding_window_makes_the_run_length_part_of_the_resume_check():
 
 
 def test_the_lora_targets_and_the_window_range_are_part_of_the_run_identity():
-    make = lambda *argv: train.resolve(train.parse_args(["--backbone", "tiny", "--sde_window", "1", *argv]))
+    make = lambda *argv: options.resolve(options.parse_args(["--backbone", "tiny", "--sde_window", "1", *argv]))
     identity = lambda cfg: checkpoint.run_identity(cfg, 1, "no", ["p"], ["v"])
     assert identity(make("--lora_targets", "attn")) != identity(make("--lora_targets", "attn_ffn"))
     assert identity(make("--sde_window_range", "0,2")) != identity(make("--sde_window_range", "1,3"))
@@ -757,8 +757,8 @@ def test_the_lora_targets_and_the_window_range_are_part_of_the_run_identity():
 def test_unknown_and_abbreviated_options_are_usage_errors(capsys):
     for argv in (["--max_step", "3"], ["--no_such_option"]):
         with pytest.raises(SystemExit) as exit_info:
-            train.parse_args(argv)
+            options.parse_args(argv)
         assert exit_info.value.code == 2
         assert f"unrecognized arguments: {argv[0]}" in capsys.readouterr().err
-    assert train.parse_args(["--gradient_checkpointing"]).gradient_checkpointing is True  # a bare flag
-    assert train.parse_args(["--gradient_checkpointing", "False"]).gradient_checkpointing is False
+    assert options.parse_args(["--gradient_checkpointing"]).gradient_checkpointing is True  # a bare flag
+    assert options.parse_args(["--gradient_checkpointing", "False"]).gradient_checkpointing is False

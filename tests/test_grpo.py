@@ -66,7 +66,8 @@ def test_step_loss_assembles_the_equation():
     logp, logp_old = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 1e-3, -1e-3])
     A, S = torch.tensor([1.0, -1.0, 2.0]), torch.tensor([2.0, 0.5, 1.0])
     kl_pos, kl_vel = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1.0, 2.0, 3.0])
-    loss, stats = grpo.step_loss(logp, logp_old, A, S, kl_pos, kl_vel, 1e-2, 1.0, 0.1, 1e-4)
+    loss, stats = grpo.step_loss(logp, logp_old, A, S, kl_pos, kl_vel, lambda_kl=1e-2, beta_pos=1.0,
+                                  beta_vel=0.1, clip_range=1e-4)
     ratio = torch.exp(logp - logp_old)
     pol = torch.maximum(-A * ratio, -A * ratio.clamp(1 - 1e-4, 1 + 1e-4))
     expected = (S * pol + 1e-2 * (kl_pos + 0.1 * kl_vel)).mean()

@@ -10,10 +10,11 @@ import torch
 import sde
 import train
 from models import backbones
+from training import options
 
 
 def resolved(*argv):
-    return train.resolve(train.parse_args(["--backbone", "tiny", *map(str, argv)]))
+    return options.resolve(options.parse_args(["--backbone", "tiny", *map(str, argv)]))
 
 
 def cli_error(capsys, monkeypatch, *argv) -> str:
@@ -59,7 +60,7 @@ def test_a_type_error_is_one_line_not_the_usage(capsys, monkeypatch, argv, messa
 
 
 def test_help_states_each_default_once_and_the_negations_have_their_own_text():
-    text = train.OptionParser(train.Config).format_help()
+    text = options.OptionParser(options.Config).format_help()
     entries = re.split(r"\n  (?=--)", text)  # one entry per option
     twice = [e.split()[0] for e in entries if len(re.findall(r"default", e, re.IGNORECASE)) > 1]
     assert not twice, twice

@@ -12,7 +12,7 @@ import evaluate
 import sample
 import train
 from models import backbones
-from training import export
+from training import export, options
 
 PROMPTS = ["a green frog leaping from one lily pad to another", "a purple jellyfish pulsing through dark blue water"]
 
@@ -20,9 +20,9 @@ PROMPTS = ["a green frog leaping from one lily pad to another", "a purple jellyf
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One training step with validation (seed 0): the run's folder holds samples/base_<i>.gif (before the
-    update) and samples/step000001_<i>.gif (after it) for train.VALIDATION_PROMPTS."""
+    update) and samples/step000001_<i>.gif (after it) for options.VALIDATION_PROMPTS."""
     out = tmp_path_factory.mktemp("run")
-    train.main(train.parse_args(["--backbone", "tiny", "--max_steps", "1", "--group_size", "2",
+    train.main(options.parse_args(["--backbone", "tiny", "--max_steps", "1", "--group_size", "2",
                                  "--validation_steps", "1", "--output_dir", str(out)]))
     return out
 
@@ -33,7 +33,7 @@ def frames(path) -> np.ndarray:
 
 def sample_validation_prompts(out, *args) -> list[str]:
     argv = ["--backbone", "tiny", "--seed", "0", "--output_dir", str(out), *map(str, args)]
-    for prompt in train.VALIDATION_PROMPTS:  # in the run's order: video k has the noise of validation video k
+    for prompt in options.VALIDATION_PROMPTS:  # in the run's order: video k has the noise of validation video k
         argv += ["--prompt", prompt]
     return sample.main(sample.parse_args(argv))
 
@@ -41,7 +41,7 @@ def sample_validation_prompts(out, *args) -> list[str]:
 def test_sample_reproduces_the_runs_validation_videos(run, tmp_path):
     trained = sample_validation_prompts(tmp_path / "lora", "--lora", run)
     base = sample_validation_prompts(tmp_path / "base")
-    for k in range(len(train.VALIDATION_PROMPTS)):
+    for k in range(len(options.VALIDATION_PROMPTS)):
         # the base model from the run's seed and the same noise: the run's validation video before training
         assert np.array_equal(frames(base[k] + ".gif"), frames(run / "samples" / f"base_{k}.gif"))
         # with the run's adapter: its validation video after the step, and not the base one

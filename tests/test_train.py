@@ -22,13 +22,13 @@ import rewards
 import sde
 import train
 from models import backbones, hunyuan
-from training import checkpoint, export
+from training import checkpoint, export, optimizers, options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(out, *args) -> list[dict]:
-    return train.main(train.parse_args(["--backbone", "tiny", "--output_dir", str(out), *map(str, args)]))
+    return train.main(options.parse_args(["--backbone", "tiny", "--output_dir", str(out), *map(str, args)]))
 
 
 def read_jsonl(path) -> list[dict]:
@@ -54,7 +54,7 @@ def test_two_steps_leave_checkpoints_metrics_and_videos(two_steps):
     assert {"val/total", "val/base_total", "val/semantic", "val/base_semantic"} <= set(rows[1])
     assert (out / "metrics.png").stat().st_size > 0
     for tag in ("base", "step000002"):  # ODE validation videos of both prompts, as GIFs
-        for i in range(len(train.VALIDATION_PROMPTS)):
+        for i in range(len(options.VALIDATION_PROMPTS)):
             frames = iio.imread(out / "samples" / f"{tag}_{i}.gif", index=None)
             assert frames.shape[:3] == (5, 32, 32)
     for step in (1, 2):
@@ -121,7 +121,7 @@ def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     assert len(read_jsonl(tmp_path / "two" / "metrics.jsonl")) == 2  # a second update after a synced one
     two = read_jsonl(tmp_path / "two" / "samples.jsonl")[0]
     # The same 8 videos in one process: samples depend only on (seed, step, global index), not on the split.
-    one_rows = train.main(train.parse_args(["--backbone", "tiny-wan", "--output_dir", str(tmp_path / "one"), "--max_steps",
+    one_rows = train.main(options.parse_args(["--backbone", "tiny-wan", "--output_dir", str(tmp_path / "one"), "--max_steps",
                                             "2", "--batch_size", "8", *validation]))
     two_rows = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert two_rows[-1]["val/total"] == pytest.approx(one_rows[-1]["val/total"], abs=1e-5)
@@ -258,17 +258,18 @@ def test_command_line_reports_a_bad_option(tmp_path):
     assert done.returncode == 2 and "--backbone 'hunyuan16': unknown backbone; choose one of" in done.stderr
 
 
-def test_readme_defines_every_logged_metric(two_steps):
-    """STYLE 14: every key of metrics.jsonl is defined once in the README's Metrics table."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    table = readme[readme.index("### Metrics"):readme.index("## Glossary")]
+def test_docs_define_every_logged_metric(two_steps):
+    """STYLE 14: every key of metrics.jsonl is defined in the Metrics table of docs/training.md."""
+    with open(os.path.join(ROOT, "docs", "training.md")) as f:
+        doc = f.read()
+    start = doc.index("\n## Metrics")
+    table = doc[start : doc.index("\n## ", start + 1)]
     defined = set(re.findall(r"`([^`]+)`", table))
     _, history = two_steps
     for key in set().union(*history):
         generic = re.sub(r"(visual|temporal|semantic)$", "<component>", key)
         generic = re.sub(r"^time/\w+$", "time/<phase>", generic)
-        assert generic in defined, f"metric {key!r} is not defined in README.md"
+        assert generic in defined, f"metric {key!r} is not defined in docs/training.md"
 
 
 def test_two_updates_per_rollout_move_the_anchor_and_the_step_wise_kl(tmp_path):
@@ -375,7 +376,7 @@ def test_tensorboard_receives_every_scalar_and_the_validation_frames(tmp_path):
 
     rows = run(tmp_path, "--max_steps", 2, "--checkpointing_steps", 0, "--validation_steps", 2,
                "--report_to", "tensorboard", "--lr_scheduler", "linear", "--lr_warmup_steps", 1)
-    events = EventAccumulator(str(tmp_path / train.TRACKER_RUN), size_guidance={"scalars": 0, "images": 0}).Reload()
+    events = EventAccumulator(str(tmp_path / options.TRACKER_RUN), size_guidance={"scalars": 0, "images": 0}).Reload()
     for row in rows:
         for key, value in row.items():
             if key == "step" or not math.isfinite(value):
@@ -414,7 +415,7 @@ def test_muon_runs_and_resumes_exactly(tmp_path):
 def test_the_vlm_judge_feeds_three_finite_components_to_the_curriculum(tmp_path, backbone):
     """--reward vlm --reward_model tiny: the Qwen2.5-VL judge path inside the loop; every component is finite, the
     self-paced curriculum weighs all three, and the judge's off-format mass is logged."""
-    rows = train.main(train.parse_args(["--backbone", backbone, "--output_dir", str(tmp_path), "--max_steps", "1",
+    rows = train.main(options.parse_args(["--backbone", backbone, "--output_dir", str(tmp_path), "--max_steps", "1",
                                         "--validation_steps", "0", "--reward", "vlm", "--reward_model", "tiny"]))
     row = rows[0]
     for c in rewards.COMPONENTS:
@@ -428,10 +429,10 @@ def test_a_tiny_wan_run_resumes_exactly(tmp_path):
     agrees to 1e-4..3e-3 and the reward cannot move; the learning test runs on `tiny`, through the same code.)"""
     args = ["--backbone", "tiny-wan", "--max_steps", "4", "--validation_steps", "0", "--checkpointing_steps", "2",
             "--learning_rate", "1e-2", "--updates_per_rollout", "2", "--anchor_every", "2"]
-    rows = train.main(train.parse_args([*args, "--output_dir", str(tmp_path / "a")]))
+    rows = train.main(options.parse_args([*args, "--output_dir", str(tmp_path / "a")]))
     assert rows[-1]["kl/pos"] > 0 and rows[-1]["kl/vel"] > 0  # the policy did move
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    resumed = train.main(train.parse_args([*args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint",
+    resumed = train.main(options.parse_args([*args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint",
                                            str(tmp_path / "b" / "checkpoints" / "checkpoint-2")]))
     for want, got in zip(rows[2:], resumed[2:]):
         for key, value in want.items():
@@ -448,8 +449,8 @@ def test_muon_takes_the_blocks_matrices_and_leaves_embeddings_and_the_output_lay
     from models import hunyuan
 
     model = hunyuan.load_backbone("tiny", None, device="cpu", dtype=torch.float32, seed=0).transformer.requires_grad_(True)
-    muon, adamw = train.make_optimizers(list(model.parameters()), name="muon", lr=1e-4, weight_decay=0.0,
-                                        muon_params=train.hidden_matrices(model, hunyuan.BLOCK_CLASS))
+    muon, adamw = optimizers.make_optimizers(list(model.parameters()), name="muon", lr=1e-4, weight_decay=0.0,
+                                        muon_params=optimizers.hidden_matrices(model, hunyuan.BLOCK_CLASS))
     on_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in on_muon}
     in_blocks = {n for n, p in model.named_parameters() if n.startswith("transformer_blocks.") and p.dim() == 2}
