@@ -18,7 +18,7 @@ Conventions
 - logp is the per-element *mean* log-density (sde.py), so a ratio far from 1 means a large move of the
   whole latent; hence eps_clip = 1e-4 in every reference implementation rather than PPO's 0.2.
 - Every function returns per-sample, un-reduced tensors where weights must still be applied, and a
-  stats dict of detached 0-d tensors for logging (STYLE rule 14; README "Metrics"). They stay on the
+  stats dict of detached 0-d tensors for logging (STYLE rule 14; docs/training.md "Metrics"). They stay on the
   device so the training loop does not synchronise with the host once per step; the caller averages
   them and calls .item() once per iteration.
 

@@ -216,22 +216,23 @@ def main(cfg: options.Config) -> list[dict]:
                     iteration=iteration, timer=timer)
 
             # 5. log, validate, checkpoint
+            done = iteration + 1  # iterations finished, the logs' `step`
             with timer("log"):
                 health = {"nonfinite_scores": int((~torch.isfinite(all_scores)).sum()), "skipped_updates": skipped,
                           "dropped_groups": int((~torch.isfinite(all_mixed)).view(-1, cfg.group_size).any(1).sum())}
-                row = logs.training_row(accelerator, iteration + 1, lr, lambda_kl, anchor, all_scores, all_mixed,
+                row = logs.training_row(accelerator, done, lr, lambda_kl, anchor, all_scores, all_mixed,
                                         all_A, stats, grad_norms, curriculum_stats, diagnostics, timer.wall, health)
                 if cfg.sde_window:  # where this iteration's window sat: its first denoising step t
                     row["sde/window_start"] = int(window.nonzero()[0])
-                if cfg.validation_steps and ((iteration + 1) % cfg.validation_steps == 0 or iteration + 1 == cfg.max_steps):
-                    val = validate(f"step{iteration + 1:06d}", history.logged_until)  # a replayed one: not re-sent
-                    row.update({f"val/{k}": v for k, v in val.items()} | {f"val/base_{k}": v for k, v in base_val.items()})
+                if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
+                    val = validate(f"step{done:06d}", history.logged_until)  # a replayed one: not re-sent
+                    row.update({f"val/{k}": v for k, v in val.items()})
+                    row.update({f"val/base_{k}": v for k, v in base_val.items()})
                 logs.write_step(accelerator, paths, history, row, {  # per-sample record, all processes
-                    "step": iteration + 1, "prompt": gather_object(prompts), "scores": all_scores.tolist(),  # [dist]
+                    "step": done, "prompt": gather_object(prompts), "scores": all_scores.tolist(),  # [dist]
                     "reward": all_mixed.tolist(), "advantage": all_A.tolist()}, cfg.max_steps)
                 bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
             with timer("checkpoint"):
-                done = iteration + 1
                 if (cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0) or done == cfg.max_steps:
                     checkpoint.save(cfg.output_dir, done, accelerator, model, anchor, reward_curriculum,
                                     {"step": done, "base_val": base_val, "skipped_in_a_row": skipped_in_a_row},
@@ -303,7 +304,8 @@ def update_policy(*, cfg, accelerator, model, optimizers, schedulers, params, an
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
         # The KL terms act when the anchor differs from the rollout policy (position) or when an earlier update of
         # this rollout moved the policy (step-wise); both are scaled by lambda_KL.
-        kl_active = lambda_kl > 0 and ((cfg.beta_pos > 0 and mu_anchor is not None) or (cfg.beta_vel > 0 and update > 0))
+        kl_active = lambda_kl > 0 and ((cfg.beta_pos > 0 and mu_anchor is not None)
+                                       or (cfg.beta_vel > 0 and update > 0))
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # [dist] it has stepped already
         where = f"update {update + 1} of step {iteration + 1}"
         if deepspeed or (torch.isfinite(grad_norm) and (rollout.has_signal or kl_active)):
@@ -332,7 +334,10 @@ def prepare_training(cfg: options.Config, accelerator, family_module, model, k_t
     """What is trained (LoRA or all weights), how (checkpointing, AdamW, the LR schedule) and `prepare`."""
     if cfg.full and next(model.parameters()).dtype != torch.float32:  # Deviations 12: fp32 master weights
         model.float()
-    params = family_module.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if not cfg.full else list(model.requires_grad_(True).parameters())
+    if cfg.full:
+        params = list(model.requires_grad_(True).parameters())
+    else:
+        params = family_module.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     family_module.freeze_unreachable(model)  # [dist] DDP and FSDP2 checkpoints need every trainable param to get a grad
     params = [p for p in params if p.requires_grad]
     if cfg.gradient_checkpointing:
@@ -343,7 +348,8 @@ def prepare_training(cfg: options.Config, accelerator, family_module, model, k_t
                                 num_training_steps=cfg.max_steps * cfg.updates_per_rollout)  # in optimizer updates
                   for optimizer in optimizers]
     # One update = (trained steps / updates_per_rollout) x (batch / micro-batch) backward passes, accumulated.
-    accelerator.gradient_accumulation_steps = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)  # [dist]
+    accumulation = k_train // cfg.updates_per_rollout * (cfg.batch_size // cfg.micro_batch_size)
+    accelerator.gradient_accumulation_steps = accumulation  # [dist]
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # [dist] no DataLoader tells DeepSpeed these
         accelerator.state.deepspeed_plugin.deepspeed_config.update({
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_clipping": cfg.max_grad_norm,

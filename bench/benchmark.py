@@ -22,7 +22,7 @@ What it measures, each with the calls train.py makes, printed as it finishes and
 Also: peak CUDA memory, FLOPs of one video's CFG forward (its prompt row and its negative-prompt row) counted by
 torch's FlopCounterMode, and MFU = those FLOPs per second over the bf16 matmul peak measured in the same run.
 
-Run (README "Performance" holds the figures with their machine, date and command):
+Run (docs/performance.md holds the figures with their machine, date and command):
     bench/gpu.sh        # GPU (H100/H200): the sections below with versions and date, about 8 minutes
     python bench/benchmark.py --train_timesteps 1 --train_variants 1:ckpt,1:ckpt20,1:nockpt
                         # GPU: HunyuanVideo-1.5 8.3 B DiT, LoRA r=32, 33x320x576, G=4, K=16
@@ -32,12 +32,12 @@ Run (README "Performance" holds the figures with their machine, date and command
                         # CPU: the same code on the small backbone (about 30 s on 2 cores)
     python bench/benchmark.py --model small --frames 9 --height 64 --width 64 --num_steps 8 --train_timesteps 1 \\
         --train_variants 4:nockpt --windows 2,4 --shared_prefix --window_rounds 3
-                        # CPU: K = 8 full vs windows of 2 and 4 (README "Performance"; about 4 minutes)
+                        # CPU: K = 8 full vs windows of 2 and 4 (docs/performance.md; about 4 minutes)
 
 `--model` is a backbone name (backbones.py; `full` = hunyuan15). Real names build the published
 architecture (the hub config values) with random weights; tiny / small / tiny-wan are the CPU models.
 
-Choices (stated in the README next to the numbers):
+Choices (stated in docs/performance.md next to the numbers):
 1. Random weights and random text embeddings: the cost of a forward does not depend on their values.
    The prompt has `--text_tokens` valid tokens (HunyuanVideo-1.5 trims padding; Wan always carries its 512
    zero-padded rows, as the pipeline does).

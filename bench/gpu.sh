@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README "Performance" on one NVIDIA H100 / H200, in one script (about 8 minutes on an
+# The GPU figures of docs/performance.md on one NVIDIA H100 / H200, in one script (about 8 minutes on an
 # H200: an estimate from the 2026-11-26 H200 run, each section has its own timeout). It installs what a bare
 # machine with CUDA torch lacks from wheels carried in .whl/, prints GPU, driver, torch, diffusers and the
 # date, then runs benchmark.py (random weights, no download; its docstring defines every figure):
@@ -24,7 +24,7 @@
 #       diffusers==0.42.1 transformers==5.23.0 accelerate==1.15.0 peft==0.21.2 safetensors huggingface_hub \
 #       importlib_metadata zipp tokenizers regex tqdm psutil pyyaml packaging numpy pillow requests urllib3 \
 #       idna certifi charset_normalizer httpx2 httpcore2 anyio h11 truststore
-# That is everything `import benchmark` (which imports train.py) and the LoRA path import (python -X importtime) beyond torch and
+# That is everything `from bench import benchmark` and the LoRA path import (python -X importtime) beyond torch and
 # torch's own dependencies (filelock, fsspec, jinja2, networkx, sympy, typing_extensions). A wheel whose
 # distribution the image already has is skipped unless it is one of the pinned ones (PINNED below).
 #

@@ -69,7 +69,7 @@ BACKBONES: dict[str, tuple[str, dict]] = {
         num_steps=20,             # [SAGE] K = 20
         micro_batch_size=1,       # not in [SAGE]: one video (2 CFG rows) per forward bounds activation memory
         reward="videoalign",      # [SAGE] VideoAlign VQ / MQ / TA
-        gradient_checkpointing=True,   # not in [SAGE]: needed to fit 80 GB (configs/MEMORY.md)
+        gradient_checkpointing=True,   # not in [SAGE]: needed to fit 80 GB (docs/performance.md)
         guidance=6.0,             # [SAGE] CFG 6
         curriculum_tau="0.70,0.68",    # [SPG] thresholds for HunyuanVideo
         shift=None,               # [SAGE] shift 5, read from the 480p scheduler config
@@ -82,7 +82,7 @@ BACKBONES: dict[str, tuple[str, dict]] = {
         num_steps=20,             # [SAGE] K = 20 ([SPG] gives no K for Wan; DanceGRPO's Wan script uses 20)
         micro_batch_size=1,       # not in [SPG]: one video (2 CFG rows) per forward bounds activation memory
         reward="videoalign",      # [SPG] VideoAlign components
-        gradient_checkpointing=True,   # not in [SPG]: 32,760 tokens per video at 81 x 480 x 832 (MEMORY.md)
+        gradient_checkpointing=True,   # not in [SPG]: 32,760 tokens per video at 81 x 480 x 832 (docs/performance.md)
         guidance=5.0,             # [SPG] uses Wan2.1's default CFG 5.0 (WanPipeline guidance_scale)
         curriculum_tau="0.75,0.75",    # [SPG] thresholds for Wan2.1-1.3B
         shift=3.0,                # Wan2.1 T2V 480p flow shift 3 (the hub scheduler's flow_shift; [SPG] states none)
@@ -95,7 +95,7 @@ BACKBONES: dict[str, tuple[str, dict]] = {
         num_steps=20,             # [SAGE] K = 20 ([SPG] gives no K for Wan)
         micro_batch_size=1,       # not in [SPG]: one video (2 CFG rows) per forward bounds activation memory
         reward="videoalign",      # [SPG] VideoAlign components
-        gradient_checkpointing=True,   # not in [SPG]: a 14B full fine-tune needs it (MEMORY.md)
+        gradient_checkpointing=True,   # not in [SPG]: a 14B full fine-tune needs it (docs/performance.md)
         guidance=5.0,             # [SPG] Wan2.1 default CFG 5.0
         curriculum_tau="0.75,0.73",    # [SPG] thresholds for Wan2.1-14B
         shift=3.0,                # Wan2.1 T2V 480p-and-below flow shift 3 ([SPG] states none)
@@ -212,7 +212,7 @@ def num_blocks(folder: str | None) -> int | None:
 
 
 # What to do about a damaged config file of a weights folder (find_weights names the exact command).
-_REPAIR = "repair the file or download the folder again (hf download, README)"
+_REPAIR = "repair the file or download the folder again (hf download: docs/training.md, Weights)"
 
 
 def read_config(path: str, fix: str) -> dict:
@@ -433,7 +433,7 @@ def check_memory(name: str, folder: str | None, *, device, **options) -> MemoryE
     raise ValueError(
         f"--backbone {name} needs at least {_gib(estimate.total)} per process, more than the {_gib(available[0])} "
         f"of {available[1]}: {'; '.join(estimate.lines[p] for p in parts)}. To fit, {_REMEDY[remedy]} "
-        f"(a floor estimated from the transformer config; configs/MEMORY.md)")
+        f"(a floor estimated from the transformer config; docs/performance.md)")
 
 
 def available_memory(device) -> tuple[int, str] | None:
@@ -504,7 +504,7 @@ def enable_gradient_checkpointing(transformer, block_list: nn.ModuleList, blocks
     `enable_gradient_checkpointing()` itself). A checkpointed block keeps only its inputs for the backward
     and runs its forward again there; the others keep their activations. So each block left out saves one
     block forward per backward (about 1/3 of its training compute) and costs its activation memory
-    (configs/MEMORY.md). Which blocks are chosen changes nothing else: they all cost the same.
+    (docs/performance.md). Which blocks are chosen changes nothing else: they all cost the same.
 
     The choice is an attribute on each block, not a set of block objects, because a wrapper that replaces
     the blocks (FSDP1 auto-wrap) still forwards attribute reads to the block inside."""

@@ -108,7 +108,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
                 spatial_compression_ratio=4, temporal_compression_ratio=2, downsample_match_channel=False,
                 upsample_match_channel=False)
 # "small": tiny's classes made wide enough that the model, not the loop, dominates a CPU iteration
-# (4 layers of width 128, a 16-channel latent): the size of the README's CPU profile.
+# (4 layers of width 128, a 16-channel latent): the size of the CPU profile in docs/performance.md.
 SMALL_TRANSFORMER = dict(TINY_TRANSFORMER, in_channels=33, out_channels=16, num_layers=4, num_attention_heads=4,
                          attention_head_dim=32, rope_axes_dim=(8, 12, 12))
 SMALL_VAE = dict(TINY_VAE, latent_channels=16, block_out_channels=(32, 32))  # encoder groups need 32 >= 2 x 16

@@ -21,10 +21,10 @@ Three questions for little more than the price of one: the video comes first, so
     <system> <user> <vision_start> <video_pad> x n <vision_end>
 (n = prod(grid_thw) / 4: 252 per pair of frames at 480x832); only the questions differ. The prefix
 (and the vision tower) runs once per video with use_cache=True, its key/value cache is repeated for the
-three aspects, and the three suffixes run as one batch of 3N rows on top of it. `python vlm_judge.py
+three aspects, and the three suffixes run as one batch of 3N rows on top of it. `python -m reward_models.vlm_judge
 --benchmark` measures this against three independent forwards and against one batch of the three whole chats.
 
-Memory (estimates, printed by `python vlm_judge.py --benchmark`): bf16 weights are 2 bytes per parameter,
+Memory (estimates, printed by `python -m reward_models.vlm_judge --benchmark`): bf16 weights are 2 bytes per parameter,
 counted on the released configs built on the meta device: Qwen2.5-VL-7B 8.29 B parameters, 16.6 GB;
 Qwen2.5-VL-72B 73.41 B, 146.8 GB. The KV cache adds 57 KB (7B) / 328 KB (72B) per token and row; [SPG]'s
 480x832 clip of 81 frames at 16 fps gives 1,260 video tokens, so 2 videos x 3 questions x (1,260 + 200 text)
@@ -61,7 +61,7 @@ Template file (`--reward_prompt_template FILE`): four sections, each header alon
 Leading and trailing blank lines of a section are dropped; nothing may come before the first header.
 
 Run: `python -m pytest tests/test_vlm_judge.py -q` (tiny random Qwen2.5-VL, CPU);
-`python vlm_judge.py --benchmark` (tiny and mid-size random models, CPU; 56 s on a busy 2-core machine).
+`python -m reward_models.vlm_judge --benchmark` (tiny and mid-size random models, CPU; 56 s on a busy 2-core machine).
 """
 from __future__ import annotations
 

@@ -288,7 +288,7 @@ def test_activation_estimate_is_a_floor_of_what_autograd_keeps(name, dtype, targ
 @pytest.fixture(scope="module")
 def real_folders(tmp_path_factory):
     """Weightless folders holding only transformer/config.json: HunyuanVideo-1.5 480p t2v (the class defaults,
-    configs/count_params.py) and the two Wan2.1 hub configs."""
+    bench/count_params.py) and the two Wan2.1 hub configs."""
     from models import hunyuan
     from models import wan
 
@@ -307,7 +307,7 @@ GiB = 2 ** 30
 
 
 def test_real_model_estimates_stay_below_the_gpu_measurements(real_folders):
-    """configs/MEMORY.md's measurement (benchmark.py, H200, HunyuanVideo-1.5 LoRA r = 32 with AdamW, 33 x 320 x
+    """docs/performance.md's measurement (bench/benchmark.py, H200, HunyuanVideo-1.5 LoRA r = 32 with AdamW, 33 x 320 x
     576, micro-batch 1 with CFG, bf16): 20.6 GiB with every block checkpointed, 91.0 GiB with none. The floor
     (weights + trained state + activations; the benchmark keeps no rollout) is below both."""
     o = options("hunyuan15", num_frames=33, height=320, width=576, micro_batch_size=1, dtype=torch.bfloat16)
@@ -318,13 +318,13 @@ def test_real_model_estimates_stay_below_the_gpu_measurements(real_folders):
 
 
 def real_settings(folders) -> list[tuple[str, str, dict]]:
-    """The README's GPU runs, per process: (backbone, folder, estimate_memory options)."""
+    """The GPU runs of the README and docs/training.md, per process: (backbone, folder, estimate_memory options)."""
     bf16 = dict(dtype=torch.bfloat16, micro_batch_size=1)
     hy, w13, w14 = folders["hunyuan15"], folders["wan21-1.3b"], folders["wan21-14b"]
     return [
         ("hunyuan15", hy, options("hunyuan15", **bf16)),   # the preset: 81 x 352 x 624, all 54 blocks checkpointed
         ("hunyuan15", hy, options("hunyuan15", **bf16, num_frames=33, height=320, width=576, num_steps=16,
-                                  checkpointed_blocks=20)),   # README Performance, MEMORY.md: fits an 80 GB H100
+                                  checkpointed_blocks=20)),   # docs/performance.md: fits an 80 GB H100
         ("hunyuan15", hy, options("hunyuan15", **bf16, lora_targets="attn_ffn")),
         ("hunyuan15", hy, options("hunyuan15", **bf16, full=True, shards=8)),   # fsdp2_full.yaml, 8 GPUs
         ("wan21-1.3b", w13, options("wan21-1.3b", **bf16, full=True, batch_size=16)),   # [SPG]'s run, one GPU
@@ -334,8 +334,8 @@ def real_settings(folders) -> list[tuple[str, str, dict]]:
 
 
 def test_the_readme_gpu_runs_are_accepted_on_an_80_gb_h100(real_folders, monkeypatch):
-    """No false refusal: every README setting is accepted with the 74 GiB an 80 GB H100 leaves usable
-    (configs/MEMORY.md), the hunyuan15 ones with room to spare at the sizes MEMORY.md measured."""
+    """No false refusal: every setting of the README and docs/training.md is accepted with the 74 GiB an 80 GB
+    H100 leaves usable (docs/performance.md), the hunyuan15 ones with room to spare at the sizes measured there."""
     monkeypatch.setattr(backbones, "available_memory", lambda device: (74 * GiB, "an 80 GB H100"))
     for name, folder, o in real_settings(real_folders):
         estimate = backbones.check_memory(name, folder, device="cuda", **o)

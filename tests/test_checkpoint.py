@@ -133,6 +133,7 @@ FAULTS = ([("torch.save", n) for n in (1, 2, 3)]            # optimizer.bin, ran
           + [("rmtree", 1)])                                # the rotation's delete
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, n", FAULTS)
 def test_a_crash_at_any_point_of_a_save_leaves_only_complete_checkpoints(tmp_path, monkeypatch, what, n):
     run = Setup(tmp_path)
@@ -545,6 +546,7 @@ def same_run(out, reference_out, history=None):
     assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in b)
 
 
+@pytest.mark.slow
 def test_a_crash_during_a_save_and_a_full_disk_during_an_append_resume_to_the_same_end(reference, tmp_path,
                                                                                     monkeypatch):
     ref_out, _ = reference
@@ -590,6 +592,7 @@ def test_a_flipped_byte_in_the_newest_checkpoint_resumes_from_the_one_before_to_
     same_run(out, ref_out)
 
 
+@pytest.mark.slow
 def test_three_kill_9_during_saves_each_resume_with_latest_to_the_end(reference, tmp_path):
     """Real SIGKILLs of a training process at random moments inside its checkpoint saves (each fsync is slowed
     down so that a save lasts about a second), then `--resume_from_checkpoint latest` each time."""
@@ -635,6 +638,7 @@ def test_an_update_without_signal_is_skipped_and_counted(tmp_path):
     assert all(not v.any() for k, v in last.items() if "lora_B" in k)
 
 
+@pytest.mark.slow
 def test_a_run_records_every_file_it_writes_and_overwrite_keeps_a_users(tmp_path):
     """issue 18.13 end to end: train.py records its files before writing them (checkpoint.record_run), every file
     a real run writes (validation videos, TensorBoard's event files, checkpoints, the export) is covered by the

@@ -47,6 +47,7 @@ def _per_seed(row, key):
     return [s[key] for s in row["seeds"]]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_figure_and_a_one_factor_ablation(quick):
     out, summary = quick
     for name in FIGURES:
@@ -79,16 +80,19 @@ def test_every_full_ablation_row_changes_one_factor():
     assert rows["sde_dance_matched"].eta == 1.0  # a kind that cannot reach sage's spread runs at its largest eta
 
 
+@pytest.mark.slow
 def test_every_row_is_on_policy_at_its_first_recomputed_ratio(quick):
     for name, row in _rows(quick[1]).items():
         assert row["first_ratio_dev"] == 0.0, name
 
 
+@pytest.mark.slow
 def test_reference_raises_the_reward_over_the_base_policy(quick):
     base = quick[1]["base_ode"]["total"]
     assert min(_per_seed(_rows(quick[1])["reference"], "total")) > base + 0.08  # 0.371..0.373 vs 0.259
 
 
+@pytest.mark.slow
 def test_trust_region_stops_reward_hacking(quick):
     rows = _rows(quick[1])
     # Semantic-heavy weights: without a trust region the policy leaves the ring for the hackable score.
@@ -97,18 +101,21 @@ def test_trust_region_stops_reward_hacking(quick):
         assert hack["visual"] < 0.5 * held["visual"]  # 0.001 vs 0.17..0.18
 
 
+@pytest.mark.slow
 def test_moving_anchor_learns_more_than_a_fixed_anchor(quick):
     rows = _rows(quick[1])
     assert min(_per_seed(rows["reference"], "total")) > max(_per_seed(rows["tr_fixed"], "total")) + 0.04  # 0.371 vs 0.300
     assert max(_per_seed(rows["tr_fixed"], "kl_init")) < 0.2 * min(_per_seed(rows["reference"], "kl_init"))  # 0.027 vs 0.30
 
 
+@pytest.mark.slow
 def test_without_a_trust_region_the_policy_drifts_and_collapses(quick):
     rows = _rows(quick[1])
     assert min(_per_seed(rows["tr_none"], "kl_init")) > 3 * max(_per_seed(rows["reference"], "kl_init"))  # 3.7 vs 0.33
     assert max(_per_seed(rows["tr_none"], "diversity")) < min(_per_seed(rows["reference"], "diversity"))  # 0.31 vs 0.77
 
 
+@pytest.mark.slow
 def test_exact_velocity_frontier_sage_vs_flow_and_matched_etas(quick):
     s = quick[1]
     off = s["offring_exact_velocity"]["K20_shift3_eta0.5"]
@@ -117,6 +124,7 @@ def test_exact_velocity_frontier_sage_vs_flow_and_matched_etas(quick):
     assert s["matched_eta"]["cps"] < 0.45 and s["matched_eta"]["dance"] > 0.6  # 0.352, 0.70
 
 
+@pytest.mark.slow
 def test_equalizer_flattens_the_measured_gradient_norms(quick):
     for kind, g in quick[1]["grad_norms"].items():
         without, with_s = torch.tensor(g["without"]), torch.tensor(g["with"])

@@ -87,6 +87,7 @@ def test_resume_reproduces_the_uninterrupted_run(two_steps, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window, margin", [([], 0.02), (["--sde_window", 2], 0.01)])
 def test_reward_rises_on_the_tiny_backbone(tmp_path, window, margin):
     # One prompt ("red"), the semantic proxy alone (static weights 0, 0, 1): how red the decoded clip is.
@@ -104,9 +105,10 @@ def test_reward_rises_on_the_tiny_backbone(tmp_path, window, margin):
     assert last - first > margin, (first, last)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_its_advantages(tmp_path):
     # accelerate 1.15's `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
-    # processes with gloo come from the multi-GPU launcher with ACCELERATE_USE_CPU (README "Distributed").
+    # processes with gloo come from the multi-GPU launcher with ACCELERATE_USE_CPU (docs/training.md "Distributed runs on a CPU").
     # tiny-wan: its transformer has buffers, so under DDP every forward is a collective call (buffer broadcast);
     # one validation prompt for two processes checks that both still run the same number of forwards.
     validation = ["--validation_steps", "2", "--validation_prompt", "a red fox running through snow"]
@@ -162,7 +164,7 @@ def test_videoalign_reward_scores_the_rollout_it_is_given(tmp_path):
 
 
 def model_calls(K, N, k_train, micro, guidance, anchor_rows, prefix=0, G=4):
-    """The method's minimum per iteration (README 'Performance'): rows = samples x CFG branches. With a shared
+    """The method's minimum per iteration (docs/performance.md): rows = samples x CFG branches. With a shared
     prefix of `prefix` ODE steps, those steps run once per group (N / G rows) instead of once per sample."""
     cfg_rows = 2 if guidance != 1 else 1
     rollout_calls = prefix * math.ceil(N // G / micro) + (K - prefix) * N // micro
@@ -252,6 +254,7 @@ def test_bad_input_fails_early_with_advice(tmp_path, args, error, message):
         run(tmp_path / "out", "--max_steps", 1, *args)
 
 
+@pytest.mark.slow
 def test_command_line_reports_a_bad_option(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "hunyuan16"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -298,6 +301,7 @@ def test_resume_refuses_changed_options(two_steps, tmp_path):
             "--resume_from_checkpoint", out / "checkpoints" / "checkpoint-2")
 
 
+@pytest.mark.slow
 def test_a_stopped_peer_ends_the_run_within_the_dist_timeout(tmp_path):
     """SIGSTOP one of two processes mid-run: the other must give up at its next collective call after
     --dist_timeout seconds with an error that names the option, not after torch's default 30 minutes."""
@@ -330,6 +334,7 @@ def test_a_stopped_peer_ends_the_run_within_the_dist_timeout(tmp_path):
     assert waited < 10 + 60, waited  # the timeout, plus the rest of one iteration and the shutdown
 
 
+@pytest.mark.slow
 def test_a_killed_peer_ends_the_other_process_with_one_line_saying_how_to_resume(tmp_path):
     """kill -9 one of two processes mid-run: the other stops at its next collective call with the project's one
     line (which process was lost, how to resume), not gloo's "Connection reset by peer" traceback. The two

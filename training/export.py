@@ -34,7 +34,7 @@ Deviations / choices
    collective under FSDP2 / ZeRO-3) and the main process writes it through `save_pretrained` of a model built
    on the meta device and given those tensors (`assign=True`): one code path for one process, DDP and FSDP2,
    no second copy of the weights in memory. Weights keep the dtype they were trained in (float32 master
-   weights, train.py Deviations 14); pass `dtype=torch.bfloat16` to `from_pretrained` to halve them.
+   weights, train.py Deviations 12); pass `dtype=torch.bfloat16` to `from_pretrained` to halve them.
 3. Older checkpoints hold `lora.safetensors` (peft keys, no metadata). They still load: r and alpha come from
    the checkpoint's trainer_state.json, the targets from the family module's LORA_TARGETS entry for the run's
    recorded --lora_targets ("attn", the only targets before the option existed, when none is recorded), handed

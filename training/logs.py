@@ -1,5 +1,6 @@
-"""What a run writes as it goes: one row of metrics per iteration (every key defined in README "Metrics"),
-jsonl files that survive a crash, the metrics plot, the validation videos and what the trackers receive.
+"""What a run writes as it goes: one row of metrics per iteration (every key is defined in docs/training.md,
+"Metrics"), jsonl files that survive a crash, the metrics plot, the validation videos and what the trackers
+receive.
 
 Files (all in the output folder; OUTPUTS lists them as patterns, which checkpoint.py records as the run's own)
     config.json     the run's options and identity
@@ -122,7 +123,7 @@ def _truncate(path: str, last_step: int) -> tuple[list[dict], list[dict]]:
 
 def training_row(accelerator, step: int, lr: float, lam: float, anchor, all_scores, all_mixed, all_A, stats: list,
                  grad_norms: list, cstats: dict, diagnostics: dict, wall: dict, health: dict) -> dict:
-    """The metrics row of one iteration (README "Metrics"); collective: call it on every process."""
+    """The metrics row of one iteration (docs/training.md "Metrics"); collective: call it on every process."""
     row = {"step": step, "lr": lr, "lambda_kl": lam, "anchor/refreshes": anchor.num_refreshes}
     comp = all_scores.nanmean(0)
     row.update({f"reward/{c}": comp[j].item() for j, c in enumerate(rewards.COMPONENTS)})

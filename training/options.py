@@ -161,7 +161,7 @@ class Config:
     validation_steps: int = field(default=25, metadata={"help": "ODE samples of the validation prompts every N steps"})
     report_to: str = field(default="none", metadata={
         "help": "trackers through accelerate: none, tensorboard, wandb or all (metrics.jsonl is written always)"})
-    profile: bool = field(default=False, metadata={"help": "print a per-phase time / model-call table (README)"})
+    profile: bool = field(default=False, metadata={"help": "print a per-phase time / model-call table (docs/performance.md)"})
     dist_timeout: int = field(default=600, metadata={
         "help": "seconds a process waits for its peers at a collective call before the run stops with an error "
                 "(training/options.py Deviations 2)"})

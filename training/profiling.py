@@ -1,7 +1,7 @@
 """Where an iteration's time goes: wall time per phase, time inside transformer calls, their number, and
 model FLOP utilisation. `train.py --profile` prints one table per iteration and appends it to profile.jsonl.
 
-Definitions (README "Performance")
+Definitions (docs/performance.md)
 - phase: rollout, decode, reward, anchor, train, log, checkpoint (train.py's `with timer(...)` blocks).
 - model s: time inside transformer forwards (forward hooks) and inside `accelerator.backward`.
 - calls / bwd: transformer forwards / backward passes; rows: samples x CFG branches they processed.
