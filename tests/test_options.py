@@ -1,8 +1,13 @@
-"""Options: each bad value fails before any model is built, in one line that names the option; the command
-line reads what a user types (negative numbers, type errors); --help says each thing once; the SDE window is
-drawn from --sde_window_range."""
+"""Options (training/options.py): each bad value fails before any model is built, in one line that names the
+option and what to do; the command line reads what a user types (negative numbers, type errors, no
+abbreviations); --help says each thing once; the SDE window is drawn from --sde_window_range; a run that cannot
+fit its device is refused with the estimate. The tables below are the checks, one row per case."""
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ import sde
 import train
 from models import backbones
 from training import options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def resolved(*argv):
@@ -107,3 +114,106 @@ def test_a_run_that_cannot_fit_is_refused_by_train_py_before_the_output_folder_o
     assert err.count("\n") == 1 and err.startswith("train.py: error: --backbone tiny needs at least ")
     assert "more than the 1.0 MiB of a 1 MiB test device: " in err and "To fit, " in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every bad option fails before any model is built, naming itself
+
+
+BAD_OPTIONS = [
+    (["--checkpointing_steps", "-1"], "--checkpointing_steps -1: must be an integer >= 0"),
+    (["--validation_steps", "-1"], "--validation_steps -1: must be an integer >= 0"),
+    (["--batch_size", "0"], "--batch_size 0: must be an integer >= 1"),
+    (["--batch_size", "-4"], "--batch_size -4: must be an integer >= 1"),
+    (["--micro_batch_size", "-1"], "--micro_batch_size -1: must be an integer >= 1"),
+    (["--reward_batch_size", "0"], "--reward_batch_size 0: must be an integer >= 1"),
+    (["--fps", "0"], "--fps 0: must be an integer >= 1"),
+    (["--num_steps", "0"], "--num_steps 0: must be an integer >= 1"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0: must be a number in (0, 1]"),
+    (["--lora_rank", "0"], "--lora_rank 0: must be an integer >= 1"),
+    (["--eta", "nan"], "--eta nan: must be a finite number > 0"),
+    (["--dist_timeout", "0"], "--dist_timeout 0: must be a number of seconds in 1..604800"),
+    (["--sde", "cps", "--eta", "1.5"], "--sde cps --eta 1.5"),
+    (["--curriculum_tau", "0.7,1.7"], "--curriculum_tau '0.7,1.7': every number must be in"),
+    (["--static_weights", "0,0,0"], "--static_weights '0,0,0': at least one weight must be > 0"),
+    (["--prompts", "{tmp}/binary.txt"], "--prompts '{tmp}/binary.txt' is not a UTF-8 text file"),
+    (["--reward_prompt_template", "{tmp}/none.txt"], "--reward_prompt_template '{tmp}/none.txt' does not exist"),
+    (["--output_dir", "{tmp}/readonly/run"], "--output_dir {tmp}/readonly/run is not writable"),
+    (["--num_steps", "200"], "--sde sage --eta 0.5 --num_steps 200: sage step variances"),  # with tiny's shift 3
+    (["--lr_warmup_steps", "5"], "--lr_warmup_steps 5 does nothing with --lr_scheduler constant"),
+    (["--sde_window", "2", "--sde_window_start", "\u00b2"], "--sde_window_start '\u00b2': 'random', 'sliding' or an index"),
+    (["--sde_window", "5"], "--sde_window 5: must be in 0..4"),
+    (["--shared_prefix"], "--shared_prefix needs --sde_window"),
+    (["--optimizer", "sgd"], "--optimizer 'sgd': choose adamw or muon"),
+    (["--report_to", "comet"], "--report_to 'comet': choose one of"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_OPTIONS)
+def test_each_bad_option_fails_in_milliseconds_before_any_model(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "readonly").mkdir()
+    os.chmod(tmp_path / "readonly", 0o500)
+    if os.access(tmp_path / "readonly", os.W_OK):  # root ignores permission bits: use a file in the way instead
+        os.chmod(tmp_path / "readonly", 0o700)
+        os.rmdir(tmp_path / "readonly")
+        (tmp_path / "readonly").write_text("a file where a folder should be")
+    for name in ("tiny", "tiny-wan"):  # building any model now is the failure this test guards against
+        monkeypatch.setattr(backbones.module(name), "load_backbone", lambda *a, **k: pytest.fail("a model was built"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    argv = ["--backbone", "tiny", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), *args]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(argv)
+    assert time.perf_counter() - start < 5
+    assert exit_info.value.code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+
+
+def test_unknown_and_abbreviated_options_are_usage_errors(capsys):
+    for argv in (["--max_step", "3"], ["--no_such_option"]):
+        with pytest.raises(SystemExit) as exit_info:
+            options.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {argv[0]}" in capsys.readouterr().err
+    assert options.parse_args(["--gradient_checkpointing"]).gradient_checkpointing is True  # a bare flag
+    assert options.parse_args(["--gradient_checkpointing", "False"]).gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (["--backbone", "nope"], ValueError, "'nope': unknown backbone; choose one of"),
+    (["--sde", "euler"], ValueError, "'euler': unknown SDE kind"),
+    (["--curriculum", "random"], ValueError, "'random': unknown curriculum"),
+    (["--num_frames", "6"], ValueError, re.escape("num_frames must be 2k+1")),
+    (["--height", "30"], ValueError, "height and width must be positive multiples of 4"),
+    (["--batch_size", "6"], ValueError, "must be a multiple of --group_size 4"),
+    (["--group_size", "1"], ValueError, "--group_size 1 >= 2"),
+    (["--prompts", "{tmp}/missing.txt"], ValueError, "does not exist"),
+    (["--prompts", "{tmp}/empty.txt"], ValueError, "holds no prompts"),
+    (["--resume_from_checkpoint", "{tmp}/nowhere"], ValueError, "is not a folder"),
+    (["--reward", "videoalign"], ValueError, "needs --reward_prompt_template"),
+    (["--eta", "0"], ValueError, "--eta 0.0: must be a finite number > 0"),
+    (["--checkpointed_blocks", "1"], ValueError, "needs --gradient_checkpointing True"),
+    (["--gradient_checkpointing", "True", "--checkpointed_blocks", "0"], ValueError, "must be >= 1"),
+    (["--gradient_checkpointing", "True", "--checkpointed_blocks", "3"], ValueError, r"has 2 blocks; choose 1\.\.2"),
+    (["--timestep_fraction", "1.5"], ValueError, "must be in"),
+    (["--updates_per_rollout", "3"], ValueError, "must divide the 4 trained steps"),
+    (["--updates_per_rollout", "2", "--anchor_every", "3"], ValueError, "a multiple of --updates_per_rollout 2"),
+    (["--curriculum_tau", "0.7"], ValueError, "expected 2 comma-separated numbers"),
+    (["--static_weights", "a,b,c"], ValueError, "expected 3 comma-separated numbers"),
+    (["--backbone", "hunyuan15", "--reward", "proxy"], ValueError, "hf download"),  # offline, no weights
+    (["--backbone", "hunyuan15", "--reward", "proxy", "--num_frames", "32"], ValueError, re.escape("4k+1")),
+])
+def test_bad_input_fails_early_with_advice(tmp_path, args, error, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    with pytest.raises(error, match=message):
+        train.main(options.parse_args(["--backbone", "tiny", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                                       *args]))
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_bad_option(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "hunyuan16"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 2 and "--backbone 'hunyuan16': unknown backbone; choose one of" in done.stderr
