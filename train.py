@@ -86,7 +86,7 @@ import rewards
 import sde
 import trust_region
 from models import backbones
-from training import checkpoint, export, logs, options, profiling
+from training import checkpoint, export, logs, options, parallel, profiling
 from training.optimizers import hidden_matrices, make_optimizers
 
 
@@ -102,6 +102,9 @@ def main(cfg: options.Config) -> list[dict]:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])  # options Dev. 2
     options.check_launch(cfg, accelerator)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # [dist] data-parallel rank and context-parallel group (training/parallel.py; without --ulysses_degree /
+    # --ring_degree every process is its own group and dp_rank, dp_size are rank, world)
+    lay = parallel.layout(rank, world, cfg.ulysses_degree, cfg.ring_degree)
     train_prompts = options.read_prompts(cfg.prompts, options.TRAIN_PROMPTS, "--prompts")
     val_prompts = options.validation_prompt_list(cfg)
     identity = checkpoint.run_identity(cfg, world, accelerator.mixed_precision, train_prompts, val_prompts)
@@ -129,6 +132,12 @@ def main(cfg: options.Config) -> list[dict]:
     prompt_cache.offload_encoders()
     model, optimizers, schedulers, params = prepare_training(cfg, accelerator, family_module, backbone.transformer,
                                                              k_train)
+    cp_group = None
+    if lay.cp_size > 1:  # [dist] one video's tokens over the processes of a group, inside the transformer (after
+        # freeze_unreachable, whose one-token probe cannot be split; DDP does not mind the hooks)
+        cp_group = parallel.group(parallel.enable(accelerator.unwrap_model(model), cfg.ulysses_degree,
+                                                  cfg.ring_degree, world, device))
+        tokens_seen = parallel.count_tokens(accelerator.unwrap_model(model))  # logged: the split it ran with
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
     reward_curriculum = curriculum.build_curriculum(cfg.curriculum, **options.curriculum_options(cfg))
     scorer = rewards.build_reward(cfg.reward, path=cfg.reward_model, prompt_template_file=cfg.reward_prompt_template,
@@ -138,14 +147,15 @@ def main(cfg: options.Config) -> list[dict]:
     accelerator.print(  # [dist] one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "
         f"trained_steps={k_train} G={cfg.group_size} batch/process={cfg.batch_size} num_processes={world} "
-        f"{'full' if cfg.full else 'LoRA'} trainable={sum(p.numel() for p in params) / 1e6:.2f}M reward={cfg.reward}")
+        f"{'full' if cfg.full else 'LoRA'} trainable={sum(p.numel() for p in params) / 1e6:.2f}M reward={cfg.reward}"
+        + (f" context_parallel=U{cfg.ulysses_degree}xR{cfg.ring_degree} data_parallel={lay.dp_size}" if cp_group else ""))
     accelerator.init_trackers(options.TRACKER_RUN, config=logs.tracker_config(asdict(cfg)),  # [dist] none: no-op
                               init_kwargs={"wandb": {"dir": cfg.output_dir}})
 
     velocity_fn = lambda embeds: backbones.velocity_fn(family_module, model, embeds, negative, cfg.guidance)  # CFG
     validate = lambda tag, logged_until=0: validation(  # the ODE videos of the validation prompts, scored
-        tag, cfg, accelerator, family_module, backbone, model, prompt_cache, negative, val_prompts, latent, sigmas,
-        scorer, logged_until)
+        tag, cfg, accelerator, lay, cp_group, family_module, backbone, model, prompt_cache, negative, val_prompts,
+        latent, sigmas, scorer, logged_until)
 
     # ---- resume: the newest complete checkpoint, or a fresh start -----------------------------------
     state = checkpoint.load(resume, accelerator, model, anchor, reward_curriculum, identity, cfg.full,
@@ -169,8 +179,8 @@ def main(cfg: options.Config) -> list[dict]:
         with logs.StepWarnings(iteration + 1):
             # 1. sample: this process's prompts (whole groups), one noise stream per sample (Deviations 2)
             with timer("rollout"):
-                prompts = local_prompts(train_prompts, cfg, iteration, rank, world)  # (N,) groups consecutive
-                gens = backbones.rollout_generators(cfg.seed, iteration, rank * N, N, device)
+                prompts = local_prompts(train_prompts, cfg, iteration, lay.dp_rank, lay.dp_size)  # (N,) groups
+                gens = backbones.rollout_generators(cfg.seed, iteration, lay.dp_rank * N, N, device)
                 embeds = prompt_cache(prompts)  # cached embeddings of this process's prompts, for rollout and training
                 x_T = backbones.initial_noise(gens, latent, device)  # (N, C, F', H', W')
                 if cfg.shared_prefix:  # a group shares its first member's x_T, so it shares the ODE prefix too
@@ -183,21 +193,23 @@ def main(cfg: options.Config) -> list[dict]:
             with timer("decode"):
                 videos = family_module.decode(backbone, traj.latents[:, -1])  # (N, F, 3, H, W)
             with timer("reward"):
-                scores, diagnostics = score(scorer, videos, prompts, cfg, device)  # (N, 3), {name: (N,)}
+                scores, diagnostics = parallel.share_scores(  # (N, 3), {name: (N,)}; once per context group
+                    lambda v, p: score(scorer, v, p, cfg, device), videos, prompts, lay, cp_group)
                 # The curriculum's competence is global (the whole batch over all processes), while the mixing
                 # below uses each group's own scores, which all live on this process.
-                all_scores = accelerator.gather(scores)  # [dist] curriculum state must agree on every process
+                all_scores = parallel.dedupe(accelerator.gather(scores), lay)  # [dist] the state must agree
                 reward_curriculum.update(all_scores.nanmean(0))  # competence includes this batch, then the weights
                 mixed, curriculum_stats = reward_curriculum.reward(scores, cfg.group_size)  # (N,)
 
             # 3. advantage within each group (all on this process: Deviations 1)
             A = grpo.group_advantages(mixed, cfg.group_size, clip=cfg.adv_clip)  # (N,)
-            all_mixed, all_A = accelerator.gather(mixed), accelerator.gather(A)  # [dist] global sample order
+            all_mixed = parallel.dedupe(accelerator.gather(mixed), lay)  # [dist] global sample order
+            all_A = parallel.dedupe(accelerator.gather(A), lay)
 
             # 4. update: the anchor's means first (at rollout time, one pass), then the optimizer updates
             S = (sde.equalizer_weights(sigmas, cfg.sde, cfg.eta, window) if cfg.equalizer else window.float())  # (K,)
-            timesteps = grpo.select_timesteps(N * world, window, cfg.timestep_fraction, torch.Generator().manual_seed(
-                backbones.derive_seed(cfg.seed, iteration, "timesteps")))[rank * N : (rank + 1) * N]  # [dist]
+            timesteps = grpo.select_timesteps(N * lay.dp_size, window, cfg.timestep_fraction, torch.Generator(
+            ).manual_seed(backbones.derive_seed(cfg.seed, iteration, "timesteps")))[lay.dp_rank * N :][:N]  # [dist]
             timesteps = timesteps.to(device)  # (N, K_train): the denoising steps each sample trains
             micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
             with timer("anchor"):
@@ -213,7 +225,7 @@ def main(cfg: options.Config) -> list[dict]:
                     cfg=cfg, accelerator=accelerator, model=model, optimizers=optimizers, schedulers=schedulers,
                     params=params, anchor=anchor, velocity_fn=velocity_fn, rollout=rollout,
                     micro_batches=micro_batches, lambda_kl=lambda_kl, skipped_in_a_row=skipped_in_a_row,
-                    iteration=iteration, timer=timer)
+                    iteration=iteration, timer=timer, loss_scale=parallel.loss_scale(lay))
 
             # 5. log, validate, checkpoint
             done = iteration + 1  # iterations finished, the logs' `step`
@@ -222,6 +234,8 @@ def main(cfg: options.Config) -> list[dict]:
                           "dropped_groups": int((~torch.isfinite(all_mixed)).view(-1, cfg.group_size).any(1).sum())}
                 row = logs.training_row(accelerator, done, lr, lambda_kl, anchor, all_scores, all_mixed,
                                         all_A, stats, grad_norms, curriculum_stats, diagnostics, timer.wall, health)
+                if cp_group is not None:  # video tokens per row that this process's transformer computed
+                    row["cp/tokens_per_process"] = tokens_seen["tokens"]
                 if cfg.sde_window:  # where this iteration's window sat: its first denoising step t
                     row["sde/window_start"] = int(window.nonzero()[0])
                 if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
@@ -229,7 +243,8 @@ def main(cfg: options.Config) -> list[dict]:
                     row.update({f"val/{k}": v for k, v in val.items()})
                     row.update({f"val/base_{k}": v for k, v in base_val.items()})
                 logs.write_step(accelerator, paths, history, row, {  # per-sample record, all processes
-                    "step": done, "prompt": gather_object(prompts), "scores": all_scores.tolist(),  # [dist]
+                    "step": done, "prompt": parallel.dedupe_list(gather_object(prompts), lay),  # [dist]
+                    "scores": all_scores.tolist(),
                     "reward": all_mixed.tolist(), "advantage": all_A.tolist()}, cfg.max_steps)
                 bar.set_postfix(reward=f"{row['reward/mixed']:.3f}", kl=f"{row['kl/pos']:.2e}")
             with timer("checkpoint"):
@@ -270,14 +285,15 @@ class RolloutBatch:
 
 def update_policy(*, cfg, accelerator, model, optimizers, schedulers, params, anchor, velocity_fn,
                   rollout: RolloutBatch, micro_batches: list[slice], lambda_kl: float, skipped_in_a_row: int,
-                  iteration: int, timer):
+                  iteration: int, timer, loss_scale: int = 1):
     """Phase 4: `--updates_per_rollout` optimizer updates over the trained (sample, denoising step) pairs of one
     rollout.
 
     An update is skipped (no optimizer step: Adam's momentum and weight decay would move the weights with no
     signal) when its gradient norm is not finite (Deviations 4) or when nothing in it carries signal: every
     advantage of the batch is 0 and no KL term is active (Deviations 11). The learning-rate schedule and the
-    anchor count update slots, skipped ones too. Returns the per-micro-batch diagnostics, the gradient
+    anchor count update slots, skipped ones too. `loss_scale` is training/parallel.py's (C under context
+    parallelism, else 1). Returns the per-micro-batch diagnostics, the gradient
     norms, the number of skipped updates and the running count of non-finite ones."""
     stats, grad_norms, skipped = [], [], 0
     traj, mu_anchor = rollout.trajectory, rollout.mu_anchor
@@ -296,7 +312,7 @@ def update_policy(*, cfg, accelerator, model, optimizers, schedulers, params, an
                     mu_anchor=None if mu_anchor is None else mu_anchor[mb, j], lambda_kl=lambda_kl,
                     beta_pos=cfg.beta_pos, beta_vel=cfg.beta_vel, clip_range=cfg.clip_range)
                 with timer.backward():
-                    accelerator.backward(loss)  # [dist] the mean over the trained (i, t) pairs
+                    accelerator.backward(loss * loss_scale)  # [dist] the mean over the trained (i, t) pairs
             stats.append(st)
         assert accelerator.sync_gradients  # [dist] the accumulation boundary is this update's end
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # [dist]
@@ -390,28 +406,29 @@ def score(scorer, videos, prompts, cfg: options.Config, device):
     return scores.to(device), {k: v.to(device) for k, v in diagnostics.items()}
 
 
-def validation(tag, cfg, accelerator, family_module, backbone, model, prompt_cache, negative, prompts, latent, sigmas,
-               scorer, logged_until: int = 0) -> dict:
+def validation(tag, cfg, accelerator, lay, cp_group, family_module, backbone, model, prompt_cache, negative, prompts,
+               latent, sigmas, scorer, logged_until: int = 0) -> dict:
     """ODE videos of the validation prompts (the same noise at every validation: prompt i's comes from
     (seed, VALIDATION, i), as in sample.py), split over the processes; saved, logged to the trackers, scored.
     Returns the mean scores over all of them: `total` (equal weights, comparable across curriculum stages)
     and each component."""
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    mine = list(range(rank, len(prompts), world))  # [dist] this process's share of the prompts
+    device = accelerator.device
+    mine = list(range(lay.dp_rank, len(prompts), lay.dp_size))  # [dist] this data-parallel rank's prompts
     # [dist] Every process samples the same number of videos, padding its share with prompt 0: under DDP and
     # FSDP a forward is a collective call (buffer broadcast, weight all-gather), so the counts must match.
-    rows = mine + [0] * (math.ceil(len(prompts) / world) - len(mine))
+    rows = mine + [0] * (math.ceil(len(prompts) / lay.dp_size) - len(mine))
     gens = [backbones.rollout_generators(cfg.seed, backbones.VALIDATION, i, 1, device)[0] for i in rows]
     with torch.no_grad():
         traj = backbones.sample(family_module, model, prompt_cache([prompts[i] for i in rows]), negative,
                                 backbones.initial_noise(gens, latent, device), gens, sigmas, "ode", 0.0, cfg.guidance,
                                 cfg.micro_batch_size)
         videos = family_module.decode(backbone, traj.latents[:, -1])[: len(mine)]  # (n, F, 3, H, W), padding dropped
-    s = score(scorer, videos, [prompts[i] for i in mine], cfg, device)[0].tolist() if mine else []
-    logs.save_validation(accelerator, videos if mine else None,
+    s = parallel.share_scores(lambda v, p: score(scorer, v, p, cfg, device), videos, [prompts[i] for i in mine], lay,
+                              cp_group)[0].tolist() if mine else []
+    logs.save_validation(accelerator, videos if mine and lay.cp_rank == 0 else None,  # a group writes once
                          [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine], cfg.fps,
                          logged_until=logged_until)  # the trackers have the frames of a replayed validation
-    s = torch.tensor(gather_object(s))  # [dist] (n_val, 3): everyone's scores, in rank order
+    s = torch.tensor(parallel.dedupe_list(gather_object(s), lay))  # [dist] (n_val, 3): everyone's, in dp order
     return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
 
 

@@ -350,14 +350,39 @@ def transformer_skeleton(name: str, folder: str | None) -> nn.Module:
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {_REPAIR}") from None
 
 
+def check_context_parallel(name: str, folder: str | None, *, num_frames: int, height: int, width: int,
+                           ulysses_degree: int, ring_degree: int) -> None:
+    """Raises a one-line ValueError when the transformer of `name` cannot run with this context-parallel split
+    (training/parallel.py): a family without a plan, heads that `ulysses_degree` does not divide, or video tokens
+    per row that the U x R shards cannot split evenly. Reads the config only."""
+    if ulysses_degree * ring_degree == 1:
+        return
+    family = module(name)
+    model = transformer_skeleton(name, folder)
+    if getattr(type(model), "_cp_plan", None) is None:
+        raise ValueError(f"--backbone {name}: {family.FAMILY}'s transformer has no context-parallel plan in diffusers "
+                         f"(training/parallel.py Deviations 1): leave --ulysses_degree and --ring_degree at 1")
+    heads = model.config.num_attention_heads
+    if heads % ulysses_degree:
+        raise ValueError(f"--ulysses_degree {ulysses_degree} must divide the {heads} attention heads of --backbone "
+                         f"{name} (each process of a Ulysses group takes heads / U of them)")
+    temporal, pixels = family.VIDEO_FACTORS[name]
+    tokens = ((num_frames - 1) // temporal + 1) * (height // pixels) * (width // pixels)
+    if tokens % (ulysses_degree * ring_degree):
+        raise ValueError(f"--ulysses_degree {ulysses_degree} x --ring_degree {ring_degree} must divide the {tokens} "
+                         f"video tokens of --num_frames {num_frames} --height {height} --width {width}: change the "
+                         f"clip size or the degrees")
+
+
 def estimate_memory(name: str, folder: str | None, *, num_frames: int, height: int, width: int, num_steps: int,
                     batch_size: int, micro_batch_size: int, lora_rank: int, lora_targets: str, full: bool,
                     guidance: float, dtype: torch.dtype, gradient_checkpointing: bool,
-                    checkpointed_blocks: int | None, shards: int = 1) -> MemoryEstimate:
+                    checkpointed_blocks: int | None, shards: int = 1, context_parallel: int = 1) -> MemoryEstimate:
     """The MemoryEstimate of a training run with these (resolved) options, from the transformer's shapes alone
     (milliseconds for the tiny models, under 0.5 s for 14 B). `dtype` is the transformer's compute dtype (bf16
     under --mixed_precision bf16); `shards` the processes FSDP / DeepSpeed split the trained state over (1 for
-    DDP or one process)."""
+    DDP or one process); `context_parallel` the processes one video's tokens are split over (U x R: each holds
+    1 / U x R of the block activations, and the whole rollout)."""
     family = module(name)
     model = transformer_skeleton(name, folder)
     temporal, pixels = family.VIDEO_FACTORS[name]
@@ -382,13 +407,14 @@ def estimate_memory(name: str, folder: str | None, *, num_frames: int, height: i
     # One micro-batch through the blocks: R rows (a video and, with CFG, its negative prompt).
     R = micro_batch_size * (2 if guidance > 1 else 1)
     copy = 4 if dtype != torch.float32 else 0   # peft casts a bf16 input to the float32 LoRA weights: a kept copy
-    lora_per_row = sum((family.MIN_TEXT_TOKENS if re.fullmatch(family.TEXT_LINEARS, n) else V)
+    V_local = V // context_parallel   # the video tokens of one row that this process holds inside the blocks
+    lora_per_row = sum((family.MIN_TEXT_TOKENS if re.fullmatch(family.TEXT_LINEARS, n) else V_local)
                        * (lora_rank * 4 + m.in_features * copy) for n, m in adapted) // blocks   # A's output (r)
-    block = R * (V * ACTIVATION_FLOOR * D * item + lora_per_row)   # one block that keeps its activations
+    block = R * (V_local * ACTIVATION_FLOOR * D * item + lora_per_row)   # one block that keeps its activations
     checkpointed = (blocks if checkpointed_blocks is None else checkpointed_blocks) if gradient_checkpointing else 0
     # A checkpointed block keeps its input only, and the backward recomputes one block at a time.
     kept = blocks - checkpointed + (1 if checkpointed else 0)   # blocks whose activations are alive at the peak
-    activations = kept * block + checkpointed * R * V * D * item
+    activations = kept * block + checkpointed * R * V_local * D * item
 
     size = f"--num_frames {num_frames} --height {height} --width {width}"
     lora = "--full" if full else f"--lora_rank {lora_rank} --lora_targets {lora_targets}"

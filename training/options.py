@@ -76,6 +76,11 @@ class Config:
     checkpointed_blocks: Optional[int] = field(default=None, metadata={
         "help": "with gradient checkpointing: recompute only the first N DiT blocks (default all 54; fewer is "
                 "faster and needs more memory, docs/performance.md)"})
+    ulysses_degree: int = field(default=1, metadata={
+        "help": "context parallelism: U processes share one video, attention by Ulysses all-to-all (diffusers' "
+                "ContextParallelConfig; training/parallel.py); U x R must divide the number of processes"})
+    ring_degree: int = field(default=1, metadata={
+        "help": "context parallelism: R processes share one video, attention by ring attention (with U: U x R)"})
     # data
     prompts: Optional[str] = field(default=None, metadata={"help": "text file, one prompt per line (default: built-in list)"})
     validation_prompts: Optional[str] = field(default=None, metadata={"help": "text file (default: built-in list)"})
@@ -226,6 +231,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 # One rule per numeric option: (options, test, what the value must be). NaN fails every comparison.
 RULES = [
     (("num_steps", "group_size", "batch_size", "micro_batch_size", "lora_rank", "reward_batch_size", "max_steps",
+      "ulysses_degree", "ring_degree",
       "checkpoints_total_limit", "fps", "num_frames", "height", "width", "updates_per_rollout"),
      lambda v: v >= 1, "an integer >= 1"),
     (("checkpointing_steps", "validation_steps", "anchor_every", "kl_ramp_steps", "lr_warmup_steps"),
@@ -282,6 +288,12 @@ def resolve(cfg: Config) -> Config:
         blocks = backbones.num_blocks(folder)
     except (ValueError, RuntimeError, OSError, KeyError) as err:
         raise ConfigError(f"--backbone {cfg.backbone}: {err}") from None
+    try:  # context parallelism: the family has a plan, U divides the heads, U x R the video tokens
+        backbones.check_context_parallel(cfg.backbone, folder, num_frames=cfg.num_frames, height=cfg.height,
+                                         width=cfg.width, ulysses_degree=cfg.ulysses_degree,
+                                         ring_degree=cfg.ring_degree)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.checkpointed_blocks is not None and blocks is not None and cfg.checkpointed_blocks > blocks:
         raise ConfigError(f"--checkpointed_blocks {cfg.checkpointed_blocks}: this transformer has {blocks} blocks; "
                           f"choose 1..{blocks}")
@@ -377,6 +389,18 @@ def check_launch(cfg: Config, accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not cfg.full:  # [dist]
         raise ConfigError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
                           "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
+    cp_size = cfg.ulysses_degree * cfg.ring_degree  # training/parallel.py
+    if accelerator.num_processes % cp_size:
+        raise ConfigError(f"--ulysses_degree {cfg.ulysses_degree} x --ring_degree {cfg.ring_degree} = {cp_size} must "
+                          f"divide the number of processes ({accelerator.num_processes}): each group of {cp_size} "
+                          f"processes shares one set of videos")
+    if cfg.ring_degree > 1 and accelerator.device.type != "cuda":
+        raise ConfigError(f"--ring_degree {cfg.ring_degree}: ring attention merges partial attentions by their "
+                          f"log-sum-exp, which diffusers' native CPU attention does not return (training/parallel.py "
+                          f"Deviations 6): use --ulysses_degree on CPU")
+    if cp_size > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError("--ulysses_degree / --ring_degree with FSDP or DeepSpeed is not supported "
+                          "(training/parallel.py Deviations 4): launch with DDP (configs/multi_gpu_lora.yaml)")
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)  # [dist]
     try:  # a run that cannot fit this device, refused now rather than as an out-of-memory error an hour in
         backbones.check_memory(
@@ -385,7 +409,7 @@ def check_launch(cfg: Config, accelerator) -> None:
             micro_batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
             full=cfg.full, guidance=cfg.guidance, dtype=weight_dtype_of(accelerator),
             gradient_checkpointing=cfg.gradient_checkpointing, checkpointed_blocks=cfg.checkpointed_blocks,
-            shards=accelerator.num_processes if sharded else 1)
+            shards=accelerator.num_processes if sharded else 1, context_parallel=cp_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

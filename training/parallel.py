@@ -1,0 +1,148 @@
+"""Context (sequence) parallelism: one video's tokens over several processes, through diffusers' own engine.
+
+With `--ulysses_degree U` and `--ring_degree R`, the processes form groups of C = U x R consecutive ranks. The
+C processes of a group share one set of videos: the same prompts, noise, timesteps and advantages. Inside the
+transformer diffusers' context-parallel hooks split the video tokens into C shards after the patch embedding
+(the model's `_cp_plan`), attention runs as Ulysses all-to-all or ring attention (diffusers' attention
+dispatcher, which defines their backward), and the output projection gathers the shards, so every process of
+a group ends each forward with the whole velocity. Everything outside the transformer (the SDE step, the
+log-probs, the loss) is computed identically on every process of a group; a video belongs to one data-parallel
+rank, as without context parallelism (D = num_processes / C of them).
+
+    rank r:  data-parallel rank r // C, context rank r % C        (the device mesh ("dp", "ring", "ulysses"))
+
+Gradients. The gather's backward hands each process its shard's part of the output gradient, so each process of
+a group holds a partial sum of the parameter gradients. DDP averages over all D x C processes; the loss is
+scaled by C first (`loss_scale`), so the average is the mean over data-parallel ranks of the group sums: the
+gradient of one process holding the whole video (tests/test_parallel.py: the adapter after two iterations equals
+the one-process run's).
+
+Deviations / choices
+--------------------
+1. Wan2.1's plan is diffusers' (`WanTransformer3DModel._cp_plan`: the video tokens and the rotary tables split,
+   the text not: the cross-attention keys are the whole prompt on every process). HunyuanVideo-1.5 has no plan
+   in diffusers 0.42.1 and attends jointly over video and text tokens, which a split of the video tokens alone
+   would repeat C times in each all-to-all: it is refused (options.check_launch) until a plan that splits the
+   joint sequence is written.
+2. diffusers' `_resolve_parallel_config` takes the device index as rank % torch.accelerator.device_count(),
+   which divides by zero on a machine without an accelerator; `enable` makes the count at least 1 while it
+   calls `enable_parallelism` on CPU (gloo), nowhere else. The mesh is passed in, so diffusers builds none.
+3. The reward is computed once per group: each process scores every C-th video of the group's batch and the
+   group exchanges the scores (`share_scores`), so a judge runs on N / C videos per process. Decoding runs on
+   every process of a group (the VAE is not split).
+4. Under FSDP or DeepSpeed context parallelism is refused (the shards would need a (dp, context) mesh that
+   accelerate does not build for them here): use DDP, with LoRA or `--full`.
+5. Validation: the validation prompts are split over the data-parallel ranks; a group samples its prompts
+   together and only its context rank 0 writes the videos.
+6. Ring attention (`--ring_degree`) merges the partial attentions of the ring by their log-sum-exp, which
+   diffusers' native attention does not return ("Native attention does not support return_lse=True"); it needs
+   a GPU backend that does (flash, _native_cudnn, _native_flash, sage), so it is refused on CPU and is not
+   covered by the CPU tests. Ulysses runs on every backend that supports context parallelism, native included.
+7. sample.py and evaluate.py do not take the two options yet: they sample whole videos per process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: `dp_rank` of `dp_size` data-parallel ranks, `cp_rank` of the `cp_size` processes
+    of its context-parallel group (cp_size 1 without context parallelism: then dp is the process index)."""
+
+    dp_rank: int
+    dp_size: int
+    cp_rank: int
+    cp_size: int
+
+
+def layout(rank: int, world: int, ulysses_degree: int, ring_degree: int) -> Layout:
+    cp_size = ulysses_degree * ring_degree
+    return Layout(dp_rank=rank // cp_size, dp_size=world // cp_size, cp_rank=rank % cp_size, cp_size=cp_size)
+
+
+def enable(model, ulysses_degree: int, ring_degree: int, world: int, device: torch.device):
+    """Turns on diffusers' context parallelism on `model` (the bare transformer, before `prepare`) over the mesh
+    ("dp", "ring", "ulysses") of all processes. Returns the mesh."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cp_size = ulysses_degree * ring_degree
+    mesh = init_device_mesh(device.type, (world // cp_size, ring_degree, ulysses_degree),
+                            mesh_dim_names=("dp", "ring", "ulysses"))
+    config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree, mesh=mesh)
+    count = torch.accelerator.device_count
+    if device.type == "cpu":  # Deviations 2: diffusers computes rank % device_count(), 0 without an accelerator
+        torch.accelerator.device_count = lambda: max(1, count())
+    try:
+        model.enable_parallelism(config=config)
+    finally:
+        torch.accelerator.device_count = count
+    return mesh
+
+
+def count_tokens(model) -> dict:
+    """A forward pre-hook on the first block's self-attention, which sees this process's shard: the returned dict's
+    "tokens" is the number of video tokens per row that this process's transformer computed in its last forward
+    (logged as cp/tokens_per_process, so a run shows the split it ran with)."""
+    seen = {"tokens": 0}
+    attention = next(m for name, m in model.named_modules() if name.endswith("attn1"))
+
+    def hook(module, args, kwargs):
+        seen["tokens"] = (args[0] if args else kwargs["hidden_states"]).shape[1]
+
+    attention.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def group(mesh):
+    """The process group of this process's context-parallel group (its C processes)."""
+    return mesh["ring", "ulysses"]._flatten().get_group()
+
+
+def loss_scale(lay: Layout) -> int:
+    """What the loss is multiplied by before the backward: DDP averages the C partial gradients of a group over
+    all processes, so C x the mean is the sum (module docstring)."""
+    return lay.cp_size
+
+
+def dedupe(gathered: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """accelerator.gather's result (all processes' rows, in rank order) without the C copies of each group:
+    context rank 0's rows of every data-parallel rank, in data-parallel order."""
+    if lay.cp_size == 1:
+        return gathered
+    return gathered.view(lay.dp_size, lay.cp_size, -1, *gathered.shape[1:])[:, 0].reshape(-1, *gathered.shape[1:])
+
+
+def dedupe_list(gathered: list, lay: Layout) -> list:
+    """The same for gather_object's list (every process contributed the same number of items)."""
+    if lay.cp_size == 1:
+        return gathered
+    n = len(gathered) // (lay.dp_size * lay.cp_size)
+    return [x for d in range(lay.dp_size) for x in gathered[d * lay.cp_size * n : d * lay.cp_size * n + n]]
+
+
+def share_scores(score_fn, videos, prompts, lay: Layout, process_group):
+    """(N, 3) scores and {name: (N,)} diagnostics of a group's N videos, each video scored by one process of the
+    group (every C-th, from its context rank on) and the results exchanged (Deviations 3). `score_fn(videos,
+    prompts)` returns (n, 3) scores and {name: (n,)} on the CPU or the device."""
+    if lay.cp_size == 1:
+        return score_fn(videos, prompts)
+    mine = list(range(lay.cp_rank, len(prompts), lay.cp_size))
+    scores, diagnostics = score_fn(videos[mine], [prompts[i] for i in mine]) if mine else (None, {})
+    part = (mine, None if scores is None else scores.cpu(), {k: v.cpu() for k, v in diagnostics.items()})
+    parts = [None] * lay.cp_size
+    dist.all_gather_object(parts, part, group=process_group)  # [dist] small: three numbers per video
+    device = videos.device
+    first = next(p for p in parts if p[1] is not None)
+    all_scores = torch.empty(len(prompts), first[1].shape[1], dtype=first[1].dtype)
+    all_diagnostics = {k: torch.empty(len(prompts), dtype=v.dtype) for k, v in first[2].items()}
+    for rows, s, d in parts:
+        if s is not None:
+            all_scores[rows] = s
+            for k, v in d.items():
+                all_diagnostics[k][rows] = v
+    return all_scores.to(device), {k: v.to(device) for k, v in all_diagnostics.items()}
