@@ -136,8 +136,8 @@ def main(cfg: options.Config) -> list[dict]:
     if lay.cp_size > 1:  # [dist] one video's tokens over the processes of a group, inside the transformer (after
         # freeze_unreachable, whose one-token probe cannot be split; DDP does not mind the hooks)
         cp_group = parallel.group(parallel.enable(accelerator.unwrap_model(model), cfg.ulysses_degree,
-                                                  cfg.ring_degree, world, device))
-        tokens_seen = parallel.count_tokens(accelerator.unwrap_model(model))  # logged: the split it ran with
+                                                  cfg.ring_degree, world, device, family_module.CP_PLAN))
+        tokens_seen = parallel.count_tokens(accelerator.unwrap_model(model), family_module.BLOCK_CLASS)  # logged
     anchor = trust_region.MovingAnchor(model, cfg.anchor_every)
     reward_curriculum = curriculum.build_curriculum(cfg.curriculum, **options.curriculum_options(cfg))
     scorer = rewards.build_reward(cfg.reward, path=cfg.reward_model, prompt_template_file=cfg.reward_prompt_template,

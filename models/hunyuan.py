@@ -49,6 +49,12 @@ Deviations / choices:
    number of valid tokens and each group attends over its valid prefix only. diffusers builds a dense
    (N, 1, S, S) boolean mask per block, which rules out the flash kernels; the velocity is the same
    (tested against diffusers' processor, values and LoRA gradients).
+10. Context parallelism (training/parallel.py) with a plan written here (CP_PLAN; diffusers 0.42.1 has none for
+   this transformer) and Ulysses attention written in ValidTokenAttnProcessor (`_ulysses`), because the joint
+   attention mixes a split stream (the video tokens) with a whole one (the text on every process), which
+   diffusers' Ulysses (every input a sequence shard) would repeat U times. The all-to-alls are torch's
+   differentiable ones; the text output is gathered over the heads by `_GatherHeads`, whose backward sums the
+   processes' partial gradients. Ulysses only: ring attention is refused for this family.
 
 Test: `python -m pytest tests/test_hunyuan.py -q` (CPU, tiny backbone, about 10 s on 2 idle cores).
 """
@@ -61,6 +67,7 @@ import torch
 from torch import nn
 from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
                        HunyuanVideo15Transformer3DModel)
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
@@ -77,6 +84,16 @@ DEFAULT_PRETRAINED = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v
 HUB_IDS = {"hunyuan15": DEFAULT_PRETRAINED}
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 ATTENTION_PROCESSORS = ("diffusers", "valid")   # diffusers' masked processor, ours (Deviation 9)
+# Context parallelism (training/parallel.py): diffusers 0.42.1 has no plan for this transformer, so here is one.
+# The video tokens enter the first block split along the sequence, with their rotary tables; the text stream
+# stays whole on every process; the output projection gathers the video tokens. The joint attention itself is
+# ValidTokenAttnProcessor's Ulysses path (`_ulysses`), which handles the whole text stream (Deviation 10).
+CP_PLAN = {
+    "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+             1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
+    "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
 
 QWEN_LAYER = -3     # pipeline: num_hidden_layers_to_skip = 2 -> hidden_states[-(2 + 1)]
 IMAGE_TOKENS = 1    # Deviation 3; the pipeline uses 729 (SigLIP 27 x 27), all masked out in t2v
@@ -431,8 +448,8 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         return groups
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if self._parallel_config is not None:   # context parallelism shards the sequence: keep diffusers' path
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self._parallel_config is not None:   # context parallelism: this process holds a shard of the video
+            return self._ulysses(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # Projections, QK-norm and rotary embedding on the video stream: as in diffusers' processor.
         query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
                              for proj in (attn.to_q, attn.to_k, attn.to_v))   # (N, V, heads, head_dim)
@@ -464,6 +481,85 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         hidden_states, encoder_hidden_states = hidden_states[:, :-T], hidden_states[:, -T:]
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))   # linear, dropout
         return hidden_states, attn.to_add_out(encoder_hidden_states)
+
+
+    def _ulysses(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+        """Ulysses attention over the joint sequence (Deviation 10). This process holds 1/U of the video tokens
+        (split by CP_PLAN) and the whole text stream. The video q, k, v go through an all-to-all from "my tokens,
+        all heads" to "all tokens, my heads"; the text's are sliced to my heads (every process holds them whole);
+        then the same valid-prefix attention as above runs on my heads, the video output goes back by the inverse
+        all-to-all and the text output is gathered over the heads. diffusers' Ulysses would split the text too
+        (its all-to-all assumes every input is a sequence shard), so this part is written here."""
+        import torch.distributed.nn.functional as dist_fn
+
+        config = self._parallel_config.context_parallel_config
+        group, U, rank = config._ulysses_mesh.get_group(), config.ulysses_degree, config._ulysses_local_rank
+        query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))   # (N, V/U, heads, head_dim)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:   # the rotary tables of my tokens (split by CP_PLAN)
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        N, V_local, H, D = query.shape
+        h = H // U   # my heads: rank * h .. (rank + 1) * h
+
+        def tokens_to_heads(x):   # (N, V/U, H, D) -> (N, V, H/U, D)
+            x = x.reshape(N, V_local, U, h, D).permute(2, 0, 1, 3, 4).contiguous()   # (U: their heads, ...)
+            x = dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)   # (U: their tokens, ...)
+            return x.permute(1, 0, 2, 3, 4).reshape(N, U * V_local, h, D)
+
+        def heads_to_tokens(x):   # (N, V, H/U, D) -> (N, V/U, H, D)
+            x = x.reshape(N, U, V_local, h, D).permute(1, 0, 2, 3, 4).contiguous()   # (U: their tokens, ...)
+            x = dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)   # (U: their heads, ...)
+            return x.permute(1, 2, 0, 3, 4).reshape(N, V_local, H, D)
+
+        query, key, value = tokens_to_heads(query), tokens_to_heads(key), tokens_to_heads(value)
+        T = 0
+        if encoder_hidden_states is not None:   # the text stream, whole on every process: my heads of it
+            T = encoder_hidden_states.shape[1]
+            e_query, e_key, e_value = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                                       for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                e_query = attn.norm_added_q(e_query)
+            if attn.norm_added_k is not None:
+                e_key = attn.norm_added_k(e_key)
+            mine = slice(rank * h, (rank + 1) * h)
+            query, key, value = (torch.cat([x, e[:, :, mine]], dim=1) for x, e in
+                                 ((query, e_query), (key, e_key), (value, e_value)))   # (N, V + T, H/U, D)
+        out = query.new_zeros(query.shape)
+        for rows, length in self._row_groups(attention_mask, query.shape[1]):
+            out[rows, :length] = dispatch_attention_fn(
+                query[rows, :length], key[rows, :length], value[rows, :length], attn_mask=None, dropout_p=0.0,
+                is_causal=False, backend=self._attention_backend).to(out.dtype)
+        video = heads_to_tokens(out[:, : out.shape[1] - T]).flatten(2, 3)   # (N, V/U, H * D)
+        video = attn.to_out[1](attn.to_out[0](video))
+        if encoder_hidden_states is None:
+            return video, None
+        text = _GatherHeads.apply(out[:, -T:], group, U).flatten(2, 3)   # (N, T, H * D), the same everywhere
+        return video, attn.to_add_out(text)
+
+
+class _GatherHeads(torch.autograd.Function):
+    """All-gather of the text output over the heads (dim 2). Backward: the processes' gradients of the gathered
+    tensor are partial sums (each saw its heads' share of the attention), so they are summed over the group
+    before each process takes its own heads (Deviation 10)."""
+
+    @staticmethod
+    def forward(ctx, x, group, size):
+        import torch.distributed as dist
+
+        ctx.group, ctx.size, ctx.rank = group, size, dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.size, dim=2)[ctx.rank], None, None
 
 
 def _as_index(rows: list[int], device) -> slice | torch.Tensor:

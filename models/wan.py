@@ -63,6 +63,7 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # for backbones.check_request before any weights are read (tests compare them with the built models).
 VIDEO_FACTORS = {"wan21-1.3b": (4, 16), "wan21-14b": (4, 16), "tiny-wan": (4, 16)}
 ATTENTION_PROCESSORS = ("diffusers",)    # diffusers' WanAttnProcessor: no mask, flash kernels apply
+CP_PLAN = None   # context parallelism (training/parallel.py): diffusers' own WanTransformer3DModel._cp_plan
 MAX_LENGTH = 512   # WanPipeline.__call__(max_sequence_length=512)
 # --lora_targets: the regex (full module names, peft's re.fullmatch) each choice gives peft, inside the blocks
 # only; the text and time embedders, patch embedding and output projection stay frozen.

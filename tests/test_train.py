@@ -263,77 +263,63 @@ def test_resume_refuses_changed_options(two_steps, tmp_path):
             "--resume_from_checkpoint", out / "checkpoints" / "checkpoint-2")
 
 
-@pytest.mark.slow
-def test_a_stopped_peer_ends_the_run_within_the_dist_timeout(tmp_path):
-    """SIGSTOP one of two processes mid-run: the other must give up at its next collective call after
-    --dist_timeout seconds with an error that names the option, not after torch's default 30 minutes."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train.py"),
-           "--backbone", "tiny", "--max_steps", "100", "--validation_steps", "0", "--checkpointing_steps", "0",
-           "--dist_timeout", "10", "--output_dir", str(tmp_path)]
-    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-            assert launcher.poll() is None and time.time() < deadline, "the run did not start"
-            time.sleep(0.2)
-        worker = next(pid for pid in worker_pids(launcher.pid) if b"LOCAL_RANK=1\0" in read_environ(pid))
-        os.kill(worker, signal.SIGSTOP)
-        stopped = time.time()
-        err = launcher.communicate(timeout=180)[1]
-        waited = time.time() - stopped
-    finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)  # the stopped worker, if the launcher left it behind
-        except ProcessLookupError:
-            pass
-        launcher.wait()
-    assert launcher.returncode != 0
-    assert "train.py: error: process 0: process 1 did not reach a collective call within --dist_timeout 10 s" \
-        in err, err[-3000:]
-    assert waited < 10 + 60, waited  # the timeout, plus the rest of one iteration and the shutdown
-
-
-@pytest.mark.slow
-def test_a_killed_peer_ends_the_other_process_with_one_line_saying_how_to_resume(tmp_path):
-    """kill -9 one of two processes mid-run: the other stops at its next collective call with the project's one
-    line (which process was lost, how to resume), not gloo's "Connection reset by peer" traceback. The two
-    processes are started by hand, as on two nodes: on one node the launcher would stop the survivor itself."""
+def two_processes_mid_run(tmp_path, *args):
+    """Starts train.py as two gloo processes by hand (as on two nodes: on one node accelerate's launcher would
+    stop the survivor itself) and returns them once the first metrics row is written."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", WORLD_SIZE="2",
                LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "tiny", "--max_steps", "100",
-           "--validation_steps", "0", "--checkpointing_steps", "0", "--output_dir", str(tmp_path)]
+           "--validation_steps", "0", "--checkpointing_steps", "0", "--output_dir", str(tmp_path), *map(str, args)]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
+    deadline = time.time() + 240
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+        if not all(p.poll() is None for p in procs) or time.time() > deadline:
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"the run did not start: {procs[0].communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    return procs
+
+
+def survivor_error(procs, timeout=180) -> str:
+    """Process 0's stderr once it has ended; then process 1 is killed (a stopped one too)."""
     try:
-        deadline = time.time() + 240
-        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-            assert all(p.poll() is None for p in procs) and time.time() < deadline, "the run did not start"
-            time.sleep(0.2)
-        procs[1].kill()
-        err = procs[0].communicate(timeout=180)[1]
+        return procs[0].communicate(timeout=timeout)[1]
     finally:
         for p in procs:
             p.kill()
             p.communicate()
+
+
+@pytest.mark.slow
+def test_a_stopped_peer_ends_the_run_within_the_dist_timeout(tmp_path):
+    """SIGSTOP one of two processes mid-run: the other must give up at its next collective call after
+    --dist_timeout seconds with one line that names the option, not after torch's default 30 minutes."""
+    procs = two_processes_mid_run(tmp_path, "--dist_timeout", 5)
+    os.kill(procs[1].pid, signal.SIGSTOP)
+    stopped = time.time()
+    err = survivor_error(procs)
+    waited = time.time() - stopped
+    assert procs[0].returncode == 1
+    assert err.splitlines()[-1].startswith(
+        "train.py: error: process 0: process 1 did not reach a collective call within --dist_timeout 5 s"), err[-3000:]
+    assert waited < 5 + 30, waited  # the timeout, plus the rest of one iteration and the exit
+
+
+@pytest.mark.slow
+def test_a_killed_peer_ends_the_other_process_with_one_line_saying_how_to_resume(tmp_path):
+    """kill -9 one of two processes mid-run: the other stops at its next collective call with the project's one
+    line (which process was lost, how to resume), not gloo's "Connection reset by peer" traceback."""
+    procs = two_processes_mid_run(tmp_path)
+    procs[1].kill()
+    err = survivor_error(procs)
     assert procs[0].returncode == 1
     assert err.splitlines()[-1].startswith("train.py: error: process 0: lost the connection to process 1 "), err[-3000:]
     assert "--resume_from_checkpoint latest" in err.splitlines()[-1] and "Traceback" not in err
-
-
-def worker_pids(parent: int) -> list[int]:
-    children = [int(p) for p in open(f"/proc/{parent}/task/{parent}/children").read().split()]
-    return children + [pid for child in children for pid in worker_pids(child)]
-
-
-def read_environ(pid: int) -> bytes:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return f.read()
 
 
 def test_tensorboard_receives_every_scalar_and_the_validation_frames(tmp_path):

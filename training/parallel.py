@@ -15,15 +15,14 @@ Gradients. The gather's backward hands each process its shard's part of the outp
 a group holds a partial sum of the parameter gradients. DDP averages over all D x C processes; the loss is
 scaled by C first (`loss_scale`), so the average is the mean over data-parallel ranks of the group sums: the
 gradient of one process holding the whole video (tests/test_parallel.py: the adapter after two iterations equals
-the one-process run's).
+the one-process run's to float32 round-off, on both families).
 
 Deviations / choices
 --------------------
 1. Wan2.1's plan is diffusers' (`WanTransformer3DModel._cp_plan`: the video tokens and the rotary tables split,
    the text not: the cross-attention keys are the whole prompt on every process). HunyuanVideo-1.5 has no plan
-   in diffusers 0.42.1 and attends jointly over video and text tokens, which a split of the video tokens alone
-   would repeat C times in each all-to-all: it is refused (options.check_launch) until a plan that splits the
-   joint sequence is written.
+   in diffusers 0.42.1 and attends jointly over video and text tokens: models/hunyuan.py writes its plan
+   (CP_PLAN) and its Ulysses attention over the joint sequence (hunyuan.py Deviation 10); ring is refused there.
 2. diffusers' `_resolve_parallel_config` takes the device index as rank % torch.accelerator.device_count(),
    which divides by zero on a machine without an accelerator; `enable` makes the count at least 1 while it
    calls `enable_parallelism` on CPU (gloo), nowhere else. The mesh is passed in, so diffusers builds none.
@@ -64,9 +63,10 @@ def layout(rank: int, world: int, ulysses_degree: int, ring_degree: int) -> Layo
     return Layout(dp_rank=rank // cp_size, dp_size=world // cp_size, cp_rank=rank % cp_size, cp_size=cp_size)
 
 
-def enable(model, ulysses_degree: int, ring_degree: int, world: int, device: torch.device):
-    """Turns on diffusers' context parallelism on `model` (the bare transformer, before `prepare`) over the mesh
-    ("dp", "ring", "ulysses") of all processes. Returns the mesh."""
+def enable(model, ulysses_degree: int, ring_degree: int, world: int, device: torch.device, cp_plan=None):
+    """Turns on diffusers' context parallelism on `model` (the bare transformer) over the mesh ("dp", "ring",
+    "ulysses") of all processes, with `cp_plan` (the family module's CP_PLAN; None: the model class's own).
+    Returns the mesh."""
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -78,18 +78,19 @@ def enable(model, ulysses_degree: int, ring_degree: int, world: int, device: tor
     if device.type == "cpu":  # Deviations 2: diffusers computes rank % device_count(), 0 without an accelerator
         torch.accelerator.device_count = lambda: max(1, count())
     try:
-        model.enable_parallelism(config=config)
+        model.enable_parallelism(config=config, cp_plan=cp_plan)
     finally:
         torch.accelerator.device_count = count
     return mesh
 
 
-def count_tokens(model) -> dict:
-    """A forward pre-hook on the first block's self-attention, which sees this process's shard: the returned dict's
-    "tokens" is the number of video tokens per row that this process's transformer computed in its last forward
-    (logged as cp/tokens_per_process, so a run shows the split it ran with)."""
+def count_tokens(model, block_class: str) -> dict:
+    """A forward pre-hook on the first attention of the first transformer block (the family's BLOCK_CLASS), which
+    sees this process's shard: the returned dict's "tokens" is the number of video tokens per row that this
+    process's transformer computed in its last forward (logged as cp/tokens_per_process)."""
     seen = {"tokens": 0}
-    attention = next(m for name, m in model.named_modules() if name.endswith("attn1"))
+    block = next(m for m in model.modules() if type(m).__name__ == block_class)
+    attention = next(m for m in block.modules() if hasattr(m, "processor"))
 
     def hook(module, args, kwargs):
         seen["tokens"] = (args[0] if args else kwargs["hidden_states"]).shape[1]
