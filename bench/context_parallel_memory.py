@@ -1,0 +1,46 @@
+"""Per-process memory floors with context parallelism (training/parallel.py), from the transformer configs alone
+(models/backbones.estimate_memory, the floor train.py checks before loading; no weights, CPU, seconds).
+
+    python bench/context_parallel_memory.py
+
+For HunyuanVideo-1.5 at 121 x 720 x 1280 and Wan2.1-14B at 81 x 720 x 1280, LoRA r = 32 under DDP, bf16, G = 4
+videos per group, micro-batch 1 with CFG, and U = 1, 2, 4, 8 processes per video: the floor with every block
+checkpointed and with none. A floor, not a prediction: the VAE, the reward model and allocator slack come on top
+(docs/performance.md), and full fine-tuning with a split (FSDP2 over a (data, context) mesh) is not built yet.
+Also the Ulysses all-to-all bytes per forward and process, 4 x S x D x 2 bytes x (U - 1) / U^2 per block."""
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from models import backbones, hunyuan, wan  # noqa: E402
+
+GiB = 2**30
+SETTINGS = [("hunyuan15", hunyuan, dict(task_type="t2v"), 121), ("wan21-14b", wan, wan.REAL_TRANSFORMER["wan21-14b"], 81)]
+
+with tempfile.TemporaryDirectory() as root:
+    print(f"{'backbone':<11} {'clip':<16} {'tokens':>8} {'U':>2} {'checkpointed: floor':>21} {'none: floor':>12} "
+          f"{'all-to-all / forward':>21}")
+    for name, family, config, frames in SETTINGS:
+        folder = os.path.join(root, name)
+        with torch.device("meta"):   # the config only: every shape, no memory
+            model = family.TRANSFORMER_CLASS.from_config(config)
+        model.save_config(os.path.join(folder, "transformer"))
+        temporal, pixels = family.VIDEO_FACTORS[name]
+        S = ((frames - 1) // temporal + 1) * (720 // pixels) * (1280 // pixels)
+        D = model.proj_out.in_features
+        blocks = sum(type(m).__name__ == family.BLOCK_CLASS for m in model.modules())
+        for U in (1, 2, 4, 8):
+            floors = []
+            for checkpointing in (True, False):
+                e = backbones.estimate_memory(
+                    name, folder, num_frames=frames, height=720, width=1280, num_steps=20, batch_size=4,
+                    micro_batch_size=1, lora_rank=32, lora_targets="attn", full=False, guidance=6.0,
+                    dtype=torch.bfloat16, gradient_checkpointing=checkpointing, checkpointed_blocks=None,
+                    context_parallel=U)
+                floors.append(e.total / GiB)
+            moved = 4 * S * D * 2 * (U - 1) / U**2 * blocks * 2 / 1e9   # x 2: CFG doubles the rows of a forward
+            print(f"{name:<11} {f'{frames} x 720 x 1280':<16} {S:>8,} {U:>2} {floors[0]:>17.1f} GiB {floors[1]:>8.1f} GiB "
+                  f"{moved:>17.1f} GB")
