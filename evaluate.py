@@ -45,7 +45,7 @@ import torch
 import rewards
 import sample
 from models import backbones
-from training import export
+from training import export, parallel
 from training.options import ConfigError, read_prompts, run_command
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "eval_prompts.txt")
@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward_model", help="folder or hub id of the model-based reward ('tiny': random tiny one)")
     p.add_argument("--reward_prompt_template", help="VideoAlign rubric (or judge template) file")
     p.add_argument("--batch_size", type=int, default=4, help="videos per sampling and scoring call (bounds memory)")
+    p.add_argument("--ulysses_degree", type=int, default=1,
+                   help="context parallelism, as train.py's: U processes share each video (training/parallel.py)")
+    p.add_argument("--ring_degree", type=int, default=1, help="context parallelism by ring attention (GPU only)")
     p.add_argument("--output_dir", required=True)
     return p.parse_args(argv)
 
@@ -73,8 +76,8 @@ def check(args: argparse.Namespace):
     pretrained)."""
     if args.backbone not in backbones.NAMES:
         raise ConfigError(f"--backbone {args.backbone!r}: unknown backbone; choose one of {backbones.NAMES}")
-    if args.seeds < 1 or args.batch_size < 1:
-        raise ConfigError("--seeds and --batch_size must be integers >= 1")
+    if min(args.seeds, args.batch_size, args.ulysses_degree, args.ring_degree) < 1:
+        raise ConfigError("--seeds, --batch_size, --ulysses_degree and --ring_degree must be integers >= 1")
     prompts = read_prompts(args.prompts, [], "--prompts")
     weights = [sample.resolve_weights("--runs", path, args.backbone) for path in args.runs]
     names = args.reward or [backbones.preset(args.backbone)["reward"]]
@@ -101,9 +104,15 @@ def check(args: argparse.Namespace):
     pretrained = args.pretrained or next(iter(pretrained), None)
     settings = sample.resolve_settings(args.backbone, {}, {})
     try:
-        backbones.check_request(args.backbone, pretrained, *(settings[k] for k in ("num_frames", "height", "width")))
+        folder = backbones.check_request(args.backbone, pretrained,
+                                         *(settings[k] for k in ("num_frames", "height", "width")))
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"--backbone {args.backbone}: {err}") from None
+    try:  # context parallelism: the family has a plan, U divides the heads, U x R the video tokens
+        backbones.check_context_parallel(args.backbone, folder, **{k: settings[k] for k in ("num_frames", "height",
+                                         "width")}, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return weights, prompts, names, next(iter(seeds), 0), pretrained
 
 
@@ -137,8 +146,16 @@ def main(args: argparse.Namespace) -> dict:
     weights, prompts, names, model_seed, pretrained = check(args)
     accelerator = Accelerator()  # [dist]
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    # [dist] with --ulysses_degree / --ring_degree, groups of U x R processes sample and score the same videos
+    lay = parallel.layout(rank, world, args.ulysses_degree, args.ring_degree)
+    if world % lay.cp_size or (args.ring_degree > 1 and device.type != "cuda"):
+        raise ConfigError(f"--ulysses_degree {args.ulysses_degree} x --ring_degree {args.ring_degree} must divide "
+                          f"the {world} processes (and ring attention needs a GPU: training/parallel.py)")
     os.makedirs(args.output_dir, exist_ok=True)
     family, backbone, base = sample.load(args.backbone, pretrained, None, model_seed, accelerator)
+    split = lambda model: parallel.enable(model, args.ulysses_degree, args.ring_degree, world, device,  # noqa: E731
+                                          family.CP_PLAN)
+    group = parallel.group(split(base)) if lay.cp_size > 1 else None  # [dist] the base's tokens over the group
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
     scorers = {r: rewards.build_reward(r, path=args.reward_model if r != "proxy" else None,
                                        prompt_template_file=args.reward_prompt_template if r != "proxy" else None,
@@ -146,7 +163,7 @@ def main(args: argparse.Namespace) -> dict:
     settings = sample.resolve_settings(args.backbone, {}, {})  # Deviations 2
     P, S = len(prompts), args.seeds
     items = [(prompts[p], s, p) for p in range(P) for s in range(S)]  # flat index p S + s; Deviations 3
-    mine = list(range(len(items)))[rank::world]  # [dist] Deviations 4
+    mine = list(range(len(items)))[lay.dp_rank::lay.dp_size]  # [dist] Deviations 4
     cache = family.PromptCache(backbone)
     cache(list(dict.fromkeys(prompts[i // S] for i in mine)))
     negative = cache.negative(1)
@@ -158,6 +175,8 @@ def main(args: argparse.Namespace) -> dict:
     for name, w in [("base", None), *zip(args.runs, weights)]:
         try:
             model = base if w is None else export.load_policy(family, backbone, w)
+            if model is not base and lay.cp_size > 1:  # a full fine-tuned transformer: split it too
+                split(model)
         except ValueError as err:  # an adapter whose keys do not fit this transformer's layers
             bar.close()  # the error gets a line of its own
             raise ConfigError(f"--runs {name}: {err}") from None
@@ -166,11 +185,12 @@ def main(args: argparse.Namespace) -> dict:
             videos = sample.generate(family, backbone, model, cache, negative, [items[i] for i in chunk], settings,
                                      "ode", 0.0, accelerator)
             chunk_prompts = [items[i][0] for i in chunk]
-            scores = torch.stack([rewards.score_batched(scorers[r], videos, chunk_prompts, settings["fps"],
-                                                        args.batch_size)[0] for r in names], 1)  # (n, R, 3)
+            score_all = lambda v, p: (torch.stack([rewards.score_batched(  # noqa: E731  (n, R x 3)
+                scorers[r], v, p, settings["fps"], args.batch_size)[0] for r in names], 1).flatten(1), {})
+            scores = parallel.share_scores(score_all, videos, chunk_prompts, lay, group)[0].view(-1, len(names), 3)
             local += list(zip(chunk, scores.cpu().tolist()))
             bar.update(1)
-        gathered = sorted(gather_object(local))  # [dist] every process's (index, scores)
+        gathered = sorted(dict(gather_object(local)).items())  # [dist] every (index, scores), once per group
         rows.append((name, w, with_total(torch.tensor([s for _, s in gathered]).view(P, S, len(names), 3))))
         if w is not None and w.kind == "lora":  # back to the base for the next row
             base.delete_adapters(export.ADAPTER)

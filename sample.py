@@ -39,7 +39,7 @@ import torch
 
 import sde
 from models import backbones
-from training import checkpoint, export
+from training import checkpoint, export, parallel
 from training.options import ConfigError, read_prompts, run_command
 
 SETTINGS = ("num_frames", "height", "width", "fps", "num_steps", "guidance", "shift", "micro_batch_size")
@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sde", default="ode", choices=sde.KINDS, help="ode (deterministic) or an SDE kind of sde.py")
     p.add_argument("--eta", type=float, help="noise level of an SDE kind (default 0.5, train.py's; ode: 0)")
     p.add_argument("--batch_size", type=int, default=4, help="videos per sampling call (bounds memory)")
+    p.add_argument("--ulysses_degree", type=int, default=1,
+                   help="context parallelism, as train.py's: U processes share each video (training/parallel.py)")
+    p.add_argument("--ring_degree", type=int, default=1, help="context parallelism by ring attention (GPU only)")
     p.add_argument("--output_dir", required=True)
     return p.parse_args(argv)
 
@@ -90,7 +93,7 @@ def check(args: argparse.Namespace):
     """Every option checked before any model loads. Returns (weights, prompts, settings, eta)."""
     if args.backbone not in backbones.NAMES:
         raise ConfigError(f"--backbone {args.backbone!r}: unknown backbone; choose one of {backbones.NAMES}")
-    for option in ("num_videos_per_prompt", "batch_size", "num_steps"):
+    for option in ("num_videos_per_prompt", "batch_size", "num_steps", "ulysses_degree", "ring_degree"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ConfigError(f"--{option} {getattr(args, option)}: must be an integer >= 1")
     if args.seed < 0 or (args.guidance is not None and not 0 <= args.guidance < math.inf):
@@ -115,6 +118,12 @@ def check(args: argparse.Namespace):
         shift = settings["shift"] if settings["shift"] is not None else backbones.default_shift(args.backbone, folder)
     except (ValueError, RuntimeError, OSError) as err:
         raise ConfigError(f"--backbone {args.backbone}: {err}") from None
+    try:  # context parallelism: the family has a plan, U divides the heads, U x R the video tokens
+        backbones.check_context_parallel(args.backbone, folder, num_frames=settings["num_frames"],
+                                         height=settings["height"], width=settings["width"],
+                                         ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:  # the schedule's own rules, on K numbers
         sde.step_variances(sde.sigma_schedule(settings["num_steps"], shift), args.sde, eta)
     except ValueError as err:
@@ -189,11 +198,19 @@ def main(args: argparse.Namespace) -> list[str]:
     weights, prompts, settings, eta = check(args)
     accelerator = Accelerator()  # [dist]
     rank, world = accelerator.process_index, accelerator.num_processes
+    # [dist] with --ulysses_degree / --ring_degree, groups of U x R processes sample the same videos together
+    lay = parallel.layout(rank, world, args.ulysses_degree, args.ring_degree)
+    if world % lay.cp_size or (args.ring_degree > 1 and accelerator.device.type != "cuda"):
+        raise ConfigError(f"--ulysses_degree {args.ulysses_degree} x --ring_degree {args.ring_degree} must divide "
+                          f"the {world} processes (and ring attention needs a GPU: training/parallel.py)")
     os.makedirs(args.output_dir, exist_ok=True)
     family, backbone, model = load(args.backbone, args.pretrained, weights, args.seed, accelerator)
+    if lay.cp_size > 1:  # [dist] one video's tokens over the group, as in training
+        parallel.enable(model, args.ulysses_degree, args.ring_degree, world, accelerator.device, family.CP_PLAN)
     n = args.num_videos_per_prompt
     every = [(p, args.seed, i * n + j) for i, p in enumerate(prompts) for j in range(n)]  # (prompt, seed, index)
-    items = every[rank::world]  # [dist] Deviations 4
+    items = every[lay.dp_rank::lay.dp_size]  # [dist] Deviations 4
+    writes = lay.cp_rank == 0  # [dist] a group's videos are written once
     cache = family.PromptCache(backbone)
     cache([p for p, _, _ in items])  # each distinct prompt encoded once, in batches of the cache's chunk
     negative = cache.negative(1)
@@ -203,12 +220,16 @@ def main(args: argparse.Namespace) -> list[str]:
         chunk = items[start:start + args.batch_size]
         clips = generate(family, backbone, model, cache, negative, chunk, settings, args.sde, eta, accelerator)
         chunk_paths = [os.path.join(args.output_dir, f"{k:04d}_{slug(p)}") for p, _, k in chunk]
-        logs.save_videos(clips, chunk_paths, settings["fps"])
+        if writes:
+            logs.save_videos(clips, chunk_paths, settings["fps"])
         paths += chunk_paths
         videos.append(clips.cpu())
-    sheet = os.path.join(args.output_dir, "contact_sheet.png" if world == 1 else f"contact_sheet_rank{rank}.png")
-    if items:
+    sheet = os.path.join(args.output_dir, "contact_sheet.png" if lay.dp_size == 1 else
+                         f"contact_sheet_rank{lay.dp_rank}.png")
+    if items and writes:
         contact_sheet(torch.cat(videos), [f"{k}: {p}" for p, _, k in items], sheet)
+    if not writes:
+        return paths
     ext = ".mp4" if paths and os.path.isfile(paths[0] + ".mp4") else ".gif"
     print(f"sample.py: process {rank}: {len(paths)} videos in {args.output_dir}/ (*{ext}"
           f"{', and .gif' if ext == '.mp4' else ''}), contact sheet {sheet}; "

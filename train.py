@@ -102,9 +102,7 @@ def main(cfg: options.Config) -> list[dict]:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])  # options Dev. 2
     options.check_launch(cfg, accelerator)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    # [dist] data-parallel rank and context-parallel group (training/parallel.py; without --ulysses_degree /
-    # --ring_degree every process is its own group and dp_rank, dp_size are rank, world)
-    lay = parallel.layout(rank, world, cfg.ulysses_degree, cfg.ring_degree)
+    lay = parallel.layout(rank, world, cfg.ulysses_degree, cfg.ring_degree)  # [dist] dp rank, context group
     train_prompts = options.read_prompts(cfg.prompts, options.TRAIN_PROMPTS, "--prompts")
     val_prompts = options.validation_prompt_list(cfg)
     identity = checkpoint.run_identity(cfg, world, accelerator.mixed_precision, train_prompts, val_prompts)
@@ -133,8 +131,7 @@ def main(cfg: options.Config) -> list[dict]:
     model, optimizers, schedulers, params = prepare_training(cfg, accelerator, family_module, backbone.transformer,
                                                              k_train)
     cp_group = None
-    if lay.cp_size > 1:  # [dist] one video's tokens over the processes of a group, inside the transformer (after
-        # freeze_unreachable, whose one-token probe cannot be split; DDP does not mind the hooks)
+    if lay.cp_size > 1:  # [dist] a video's tokens over its group (after freeze_unreachable's one-token probe)
         cp_group = parallel.group(parallel.enable(accelerator.unwrap_model(model), cfg.ulysses_degree,
                                                   cfg.ring_degree, world, device, family_module.CP_PLAN))
         tokens_seen = parallel.count_tokens(accelerator.unwrap_model(model), family_module.BLOCK_CLASS)  # logged
@@ -425,10 +422,11 @@ def validation(tag, cfg, accelerator, lay, cp_group, family_module, backbone, mo
         videos = family_module.decode(backbone, traj.latents[:, -1])[: len(mine)]  # (n, F, 3, H, W), padding dropped
     s = parallel.share_scores(lambda v, p: score(scorer, v, p, cfg, device), videos, [prompts[i] for i in mine], lay,
                               cp_group)[0].tolist() if mine else []
+    s = list(zip(mine, s))  # (prompt index, scores): a group's processes hold the same, kept once below
     logs.save_validation(accelerator, videos if mine and lay.cp_rank == 0 else None,  # a group writes once
                          [os.path.join(cfg.output_dir, "samples", f"{tag}_{i}") for i in mine], cfg.fps,
                          logged_until=logged_until)  # the trackers have the frames of a replayed validation
-    s = torch.tensor(parallel.dedupe_list(gather_object(s), lay))  # [dist] (n_val, 3): everyone's, in dp order
+    s = torch.tensor([v for _, v in sorted(dict(gather_object(s)).items())])  # [dist] (n_val, 3), by prompt
     return {"total": s.mean().item(), **{c: s[:, j].mean().item() for j, c in enumerate(rewards.COMPONENTS)}}
 
 

@@ -4,10 +4,13 @@ same batch does, resume exactly, and each process's transformer computes half of
 combinations fail before any model loads."""
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import imageio.v3 as iio
 import pytest
 import torch
 from accelerate.utils import DistributedType
@@ -22,15 +25,45 @@ TOKENS = {"tiny-wan": 2 * 2 * 2, "tiny": 3 * 8 * 8}
 
 
 def train(out, *args, processes=1):
-    """train.py in a subprocess: one process, or `processes` gloo processes through accelerate launch."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
-              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [*(launch if processes > 1 else [sys.executable]), os.path.join(ROOT, "train.py"), *RUN,
-           "--output_dir", str(out), *map(str, args)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in open(out / "metrics.jsonl")], [json.loads(line) for line in open(out / "samples.jsonl")]
+    """train.py: one process in this one, or `processes` gloo processes."""
+    if processes == 1:
+        import train as train_py
+
+        train_py.main(options.parse_args([*RUN, "--output_dir", str(out), *map(str, args)]))
+        return logged(out)
+    launch("train.py", *RUN, "--output_dir", out, *args, processes=processes)
+    return logged(out)
+
+
+def launch(name, *args, processes):
+    """`name` as `processes` gloo processes, started by hand as accelerate launch would (RANK, WORLD_SIZE, ...;
+    without the launcher's own interpreter); fails with the first failing process's stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
+               WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    cmd = [sys.executable, os.path.join(ROOT, name), *map(str, args)]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(processes)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+
+
+def logged(out):
+    """(metrics rows, samples rows) of a run."""
+    return tuple([json.loads(line) for line in open(out / f"{name}.jsonl")] for name in ("metrics", "samples"))
+
+
+def script(name, out, *args, processes=1):
+    """sample.py or evaluate.py as train() runs train.py."""
+    if processes == 1:
+        module = __import__(name.removesuffix(".py"))
+        module.main(module.parse_args(["--output_dir", str(out), *map(str, args)]))
+        return
+    launch(name, "--output_dir", out, *args, processes=processes)
 
 
 def adapter_difference(a, b) -> float:
@@ -45,7 +78,8 @@ def test_ulysses_over_two_processes_trains_what_one_process_does_and_resumes_exa
     """tiny-wan: diffusers' plan and Ulysses attention; tiny: HunyuanVideo-1.5's classes with models/hunyuan.py's
     plan and joint-sequence Ulysses (the valid-token processor). The resume is checked on tiny-wan."""
     one_metrics, one_samples = train(tmp_path / "one", "--backbone", backbone)
-    two_metrics, two_samples = train(tmp_path / "two", "--backbone", backbone, "--ulysses_degree", 2, processes=2)
+    two_metrics, two_samples = train(tmp_path / "two", "--backbone", backbone, "--ulysses_degree", 2,
+                                     "--checkpointing_steps", 1, processes=2)
     # the same videos: every reward and advantage equal to float32 round-off (the rollout latents decide them,
     # and the sharded attention sums in another order), each sample once in the log
     for a, b in zip(one_samples, two_samples, strict=True):
@@ -61,11 +95,35 @@ def test_ulysses_over_two_processes_trains_what_one_process_does_and_resumes_exa
 
     if backbone != "tiny-wan":
         return
-    # stopped after its first checkpoint and resumed: the same adapter as the uninterrupted two-process run
-    train(tmp_path / "resumed", "--backbone", backbone, "--ulysses_degree", 2, "--max_steps", 1, processes=2)
-    train(tmp_path / "resumed", "--backbone", backbone, "--ulysses_degree", 2, "--resume_from_checkpoint", "latest",
-          processes=2)
-    assert adapter_difference(tmp_path / "two", tmp_path / "resumed") == 0.0
+    # resumed from its first checkpoint, the run makes its second iteration again, bit for bit
+    shutil.copytree(tmp_path / "two", tmp_path / "uninterrupted")
+    resumed_metrics, _ = train(tmp_path / "two", "--backbone", backbone, "--ulysses_degree", 2, "--checkpointing_steps",
+                               1, "--resume_from_checkpoint", tmp_path / "two" / "checkpoints" / "checkpoint-1",
+                               processes=2)
+    assert adapter_difference(tmp_path / "uninterrupted", tmp_path / "two") == 0.0
+    assert [r["kl/pos"] for r in resumed_metrics] == [r["kl/pos"] for r in two_metrics]
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_under_ulysses_make_the_videos_and_scores_of_one_process(tmp_path):
+    backbone = "tiny-wan"
+    train(tmp_path / "one", "--backbone", backbone, "--max_steps", 1)  # a trained adapter to sample from
+    prompts = ["--prompt", "a red fox running through snow", "--prompt", "a blue whale swimming"]
+    script("sample.py", tmp_path / "videos1", "--backbone", backbone, "--lora", tmp_path / "one", *prompts)
+    script("sample.py", tmp_path / "videos2", "--backbone", backbone, "--lora", tmp_path / "one", *prompts,
+           "--ulysses_degree", 2, processes=2)
+    gifs = sorted(p.name for p in (tmp_path / "videos1").glob("*.gif"))
+    assert len(gifs) == 2 and gifs == sorted(p.name for p in (tmp_path / "videos2").glob("*.gif"))
+    for name in gifs:  # uint8 frames: float32 round-off changes none of them here
+        assert (iio.imread(tmp_path / "videos1" / name) == iio.imread(tmp_path / "videos2" / name)).all()
+    (tmp_path / "eval_prompts.txt").write_text("a red fox running through snow\na blue whale swimming\n")
+    evaluation = ["--backbone", backbone, "--runs", tmp_path / "one", "--seeds", 1, "--prompts",
+                  tmp_path / "eval_prompts.txt"]
+    script("evaluate.py", tmp_path / "eval1", *evaluation)
+    script("evaluate.py", tmp_path / "eval2", *evaluation, "--ulysses_degree", 2, processes=2)
+    rows = [json.load(open(tmp_path / folder / "eval.json"))["rows"] for folder in ("eval1", "eval2")]
+    for a, b in zip(*rows, strict=True):
+        assert torch.allclose(torch.tensor(a["per_video"]["proxy"]), torch.tensor(b["per_video"]["proxy"]), atol=1e-6)
 
 
 def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU):

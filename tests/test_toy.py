@@ -24,6 +24,10 @@ FACTORS = {"sde": ("kind", "eta"), "equalizer": ("equalizer",), "curriculum": ("
            "trust_region": ("anchor_every", "beta_pos", "beta_vel")}
 
 
+# One worker runs all the tests of this module (pytest.ini: --dist loadgroup), so the quick run happens once.
+pytestmark = pytest.mark.xdist_group("toy")
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")

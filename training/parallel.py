@@ -37,7 +37,8 @@ Deviations / choices
    diffusers' native attention does not return ("Native attention does not support return_lse=True"); it needs
    a GPU backend that does (flash, _native_cudnn, _native_flash, sage), so it is refused on CPU and is not
    covered by the CPU tests. Ulysses runs on every backend that supports context parallelism, native included.
-7. sample.py and evaluate.py do not take the two options yet: they sample whole videos per process.
+7. sample.py and evaluate.py take the same two options: a group samples its share of the videos together, its
+   context rank 0 writes them (sample.py), and evaluate.py scores each video once per group.
 """
 from __future__ import annotations
 
@@ -119,9 +120,10 @@ def dedupe(gathered: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 
 def dedupe_list(gathered: list, lay: Layout) -> list:
-    """The same for gather_object's list (every process contributed the same number of items)."""
+    """The same for gather_object's list, where every process contributed the same number of items."""
     if lay.cp_size == 1:
         return gathered
+    assert len(gathered) % (lay.dp_size * lay.cp_size) == 0, "every process must contribute as many items"
     n = len(gathered) // (lay.dp_size * lay.cp_size)
     return [x for d in range(lay.dp_size) for x in gathered[d * lay.cp_size * n : d * lay.cp_size * n + n]]
 
