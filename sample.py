@@ -22,7 +22,8 @@ Deviations / choices
    Deviations 5); sampling runs inside accelerate's autocast, as the prepared model does in training, so the
    velocity is the training forward's bit for bit (tested on CPU, tests/test_export.py).
 4. Several processes split the videos (video k goes to process k mod P) and each writes its own files and
-   its own contact sheet; nothing is gathered.
+   its own contact sheet; nothing is gathered. With `--ulysses_degree U` (training/parallel.py) the P / U
+   groups split them, the U processes of a group compute each video together and one of them writes it.
 5. `--batch_size` videos are sampled per call, so the stored trajectory and the decoded clips stay bounded;
    each forward takes the preset's micro-batch (one video for the real backbones).
 
