@@ -32,6 +32,11 @@ Deviations / choices
    hence zero advantage from that component, rather than an invented target.
 3. A clip of one frame scores temporal = 1 (no motion to judge).
 4. Luma uses the Rec. 601 weights (0.299, 0.587, 0.114).
+5. Every scorer sees 8-bit frames: `score_batched` rounds the decoded video to the 256 levels a video file
+   holds before scoring. VideoAlign and the judge read 8-bit frames anyway (videoalign.py); for the proxies it
+   makes an in-process score equal the one reward_server.py gives for the same video, which travels as uint8.
+6. `--reward_url URL` (any scorer): the scorer is reward_server.py's at that URL (reward_models/remote.py),
+   checked at start-up to serve the same `--reward` and rubric.
 
 Run: `python -m pytest tests/test_rewards.py -q`.
 """
@@ -110,6 +115,7 @@ class ProxyReward:
 def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size: int):
     """(N, 3) component scores in COMPONENTS order and {diagnostic: (N,)}, at most `batch_size` videos a call."""
     check_videos(videos, prompts)
+    videos = (videos.clamp(0, 1) * 255).round() / 255  # Deviations 5: the 8-bit frames of a video file
     chunks, diagnostics = [], {}
     for start in range(0, videos.shape[0], batch_size):
         out = scorer(videos[start : start + batch_size], prompts[start : start + batch_size], fps)
@@ -155,11 +161,16 @@ def check_reward(name: str, model=None, prompt_template_file=None) -> None:
 
 
 def build_reward(name: str, path=None, prompt_template_file=None, device="cpu", dtype=torch.float32,
-                 batch_size: int = 2, device_map=None):
+                 batch_size: int = 2, device_map=None, url: str | None = None, timeout: float = 300.0):
     """The scorer called `name` (REWARDS). `path` is the model folder or hub id (DEFAULT_MODELS when None);
     path="tiny" builds the random tiny twin of `videoalign` or `vlm` on the same prompt / patchify / read-out
     code, so `train.py --backbone tiny --reward <name> --reward_model tiny` runs that path on CPU.
-    device_map="auto" (vlm only) spreads a large judge over the visible GPUs instead of `device`."""
+    device_map="auto" (vlm only) spreads a large judge over the visible GPUs instead of `device`. With `url`, the
+    scorer is reward_server.py's at that URL (Deviations 6; nothing is loaded here)."""
+    if url is not None:
+        from reward_models import remote
+
+        return remote.RemoteScorer(url, timeout)
     check_reward(name, path, prompt_template_file)
     if device_map is not None and name != "vlm":
         raise ValueError(f"--reward_device_map is for --reward vlm, not {name!r}")

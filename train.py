@@ -139,7 +139,8 @@ def main(cfg: options.Config) -> list[dict]:
     reward_curriculum = curriculum.build_curriculum(cfg.curriculum, **options.curriculum_options(cfg))
     scorer = rewards.build_reward(cfg.reward, path=cfg.reward_model, prompt_template_file=cfg.reward_prompt_template,
                                   device=device, dtype=weight_dtype if device.type == "cuda" else torch.float32,
-                                  batch_size=cfg.reward_batch_size, device_map=cfg.reward_device_map)
+                                  batch_size=cfg.reward_batch_size, device_map=cfg.reward_device_map,
+                                  url=cfg.reward_url, timeout=cfg.reward_timeout)
     timer = profiling.PhaseTimer(accelerator.unwrap_model(model), device, cfg.profile)
     accelerator.print(  # [dist] one line a user can check before the first (long) iteration
         f"setup: backbone={cfg.backbone} latent={latent} sde={cfg.sde} eta={cfg.eta} K={cfg.num_steps} "

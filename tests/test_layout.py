@@ -6,7 +6,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCEPTS = {"sde.py", "rewards.py", "curriculum.py", "trust_region.py", "grpo.py"}
-SCRIPTS = {"train.py", "sample.py", "evaluate.py"}
+SCRIPTS = {"train.py", "sample.py", "evaluate.py", "reward_server.py"}
 FOLDERS = ("models", "reward_models", "training", "bench", "toy")
 
 

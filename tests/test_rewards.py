@@ -38,10 +38,12 @@ def test_score_batched_equals_one_call_and_checks_input():
     v = torch.rand(5, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts = ["red", "blue", "green", "a cat", "white"]
     scorer = rewards.ProxyReward()
-    one = scorer(v, prompts)
+    eight_bit = (v * 255).round() / 255  # what score_batched hands every scorer (Deviations 5)
+    one = scorer(eight_bit, prompts)
     batched, diagnostics = rewards.score_batched(scorer, v, prompts, 8.0, batch_size=2)
     assert diagnostics == {}  # the proxy reports no diagnostics
-    assert torch.allclose(batched, torch.stack([one[n] for n in rewards.COMPONENTS], 1))
+    assert torch.equal(batched, torch.stack([one[n] for n in rewards.COMPONENTS], 1))
+    assert not torch.equal(batched, torch.stack([scorer(v, prompts)[n] for n in rewards.COMPONENTS], 1))
     assert ((batched >= 0) & (batched <= 1)).all()
     with pytest.raises(ValueError, match=r"\(N, F, 3, H, W\)"):
         scorer(v[:, :, :2], prompts)
@@ -68,7 +70,7 @@ def test_diagnostics_are_concatenated_per_sample_across_chunks():
     v = torch.rand(5, 2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     scores, diagnostics = rewards.score_batched(scorer, v, list("abcde"), 8.0, batch_size=2)
     assert scores.shape == (5, 3) and sorted(diagnostics) == ["mean_level"]
-    torch.testing.assert_close(diagnostics["mean_level"], v.mean(dim=(1, 2, 3, 4)))
+    torch.testing.assert_close(diagnostics["mean_level"], ((v * 255).round() / 255).mean(dim=(1, 2, 3, 4)))
 
 
 def test_check_reward_refuses_bad_options_before_any_model_loads(tmp_path):

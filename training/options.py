@@ -40,6 +40,7 @@ Test: `python -m pytest tests/test_options.py -q`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import math
 import os
@@ -56,6 +57,7 @@ import curriculum
 import rewards
 import sde
 from models import backbones
+from reward_models.remote import RewardServerError
 from training import checkpoint, logs
 
 
@@ -133,6 +135,10 @@ class Config:
                 "'tiny' = a random tiny model"})
     reward_prompt_template: Optional[str] = field(default=None, metadata={"help": "VideoAlign rubric text file"})
     reward_batch_size: int = field(default=2, metadata={"help": "videos per reward-model call"})
+    reward_url: Optional[str] = field(default=None, metadata={
+        "help": "score through reward_server.py at this URL (http://host:port) instead of loading the scorer here"})
+    reward_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a reward request retries an unreachable server before the run stops (then resume)"})
     reward_device_map: Optional[str] = field(default=None, metadata={
         "help": "'auto' spreads a large --reward vlm judge (72B) over the visible GPUs; default: the training GPU"})
     curriculum: str = field(default="self_paced", metadata={"help": f"one of {tuple(curriculum.CURRICULA)}"})
@@ -346,6 +352,22 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"--reward_device_map {cfg.reward_device_map!r}: one of {DEVICE_MAPS}, with --reward vlm only")
     if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
         raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder (or pass 'latest')")
+    if not 0 < cfg.reward_timeout <= 7 * 24 * 3600:
+        raise ConfigError(f"--reward_timeout {cfg.reward_timeout}: must be a number of seconds in (0, 604800]")
+    if cfg.reward_url is not None:  # the server holds the scorer: it must be up and serve this reward and rubric
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", cfg.reward_url):
+            raise ConfigError(f"--reward_url {cfg.reward_url!r}: an http://host:port address of reward_server.py")
+        from reward_models import remote
+
+        rubric = None
+        if cfg.reward_prompt_template:
+            with open(cfg.reward_prompt_template, "rb") as f:
+                rubric = hashlib.sha256(f.read()).hexdigest()
+        try:  # seconds, not --reward_timeout: a server that is not there at start-up is a usage error
+            remote.check_server(cfg.reward_url, cfg.reward, rubric, timeout=min(cfg.reward_timeout, 5.0))
+        except remote.RewardServerError as err:
+            raise ConfigError(str(err)) from None
+        return cfg
     try:  # the reward's files, and for a judge its config and tokenizer (no weights are read)
         rewards.check_reward(cfg.reward, cfg.reward_model, cfg.reward_prompt_template)
     except (ValueError, RuntimeError) as err:
@@ -511,6 +533,10 @@ def run_command(prog: str, main_fn, args) -> None:
     except (ConfigError, checkpoint.CheckpointError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RewardServerError as err:  # the reward server went away mid-run: name it, say how to resume (exit 1)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1) if torch.distributed.is_initialized() else sys.exit(1)
     except checkpoint.SaveError as err:  # a full or failing disk: say which path, not a traceback (exit 1)
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.stdout.flush(), sys.stderr.flush()

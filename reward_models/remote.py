@@ -1,0 +1,141 @@
+"""Scoring over HTTP: the wire format of reward_server.py and the client train.py uses with `--reward_url`.
+
+    GET  /health   {"reward": name, "model": its weights, "rubric_sha256": hash or null, "components": [...]}
+    POST /score    {"prompts": [N strings], "fps": number, "shape": [N, F, 3, H, W], "videos": base64 of the
+                    N F 3 H W uint8 values, C order}
+               ->  {"scores": [[visual, temporal, semantic] x N], "diagnostics": {name: [N values]}}
+
+A video travels as 8-bit values, a quarter of float32 and what a video file holds; every scorer sees 8-bit
+frames either way (rewards.score_batched quantizes before scoring, in process too), so a score through the
+server equals the in-process one. A non-finite score travels as null and comes back as NaN, to be reported
+and handled by rewards.score_batched as any other.
+
+Deviations / choices
+--------------------
+1. The standard library serves and fetches (http.server's ThreadingHTTPServer, urllib): a request is one JSON
+   body and one JSON answer, scored one request at a time under a lock; no framework would change that, and
+   nothing is installed. A bounded number of requests may wait (`max_queue`); beyond it the server answers 503
+   and the client retries.
+2. The client retries connection errors and 5xx answers with exponential backoff until `timeout` seconds have
+   passed, then raises RewardServerError naming the URL (train.py ends with that one line; `--resume_from_
+   checkpoint latest` continues once the server is back). A 4xx is a bug in the request, not a passing fault:
+   raised at once.
+3. Requests from several training processes are scored one after another, each in batches of the server's
+   `--reward_batch_size`; batching requests together, and the OpenAI-compatible judge (vLLM, SGLang), are not
+   built yet.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+from curriculum import COMPONENTS
+
+
+class RewardServerError(RuntimeError):
+    """The reward server could not be reached, or did not serve what the run asked for; the message names it."""
+
+
+def encode(videos: torch.Tensor, prompts: list[str], fps: float) -> bytes:
+    """The POST /score body of `videos` (N, F, 3, H, W) in [0, 1]."""
+    values = (videos.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    return json.dumps({"prompts": list(prompts), "fps": fps, "shape": list(values.shape),
+                       "videos": base64.b64encode(values.numpy().tobytes()).decode("ascii")}).encode()
+
+
+def decode(body: bytes) -> tuple[torch.Tensor, list[str], float]:
+    """(videos (N, F, 3, H, W) float32 in [0, 1], prompts, fps) of a POST /score body; a ValueError with a one-line
+    reason for anything else."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"the body is not JSON ({type(err).__name__})") from None
+    if not isinstance(request, dict):
+        raise ValueError("the body must be a JSON object with prompts, fps, shape and videos")
+    missing = [key for key in ("prompts", "fps", "shape", "videos") if key not in request]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    prompts, fps, shape, data = request["prompts"], request["fps"], request["shape"], request["videos"]
+    if not (isinstance(shape, list) and len(shape) == 5 and all(isinstance(n, int) and n > 0 for n in shape)
+            and shape[2] == 3):
+        raise ValueError(f"shape must be [N, F, 3, H, W] of positive integers, got {shape!r}")
+    if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)) or len(prompts) != shape[0]:
+        raise ValueError(f"prompts must be a list of {shape[0]} strings, one per video")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if not isinstance(data, str):
+        raise ValueError("videos must be a base64 string of uint8 values")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise ValueError("videos is not valid base64") from None
+    if len(raw) != math.prod(shape):
+        raise ValueError(f"videos holds {len(raw)} bytes, shape {shape} needs {math.prod(shape)} (uint8, one byte "
+                         f"per value)")
+    values = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*shape)
+    return values.float() / 255, prompts, float(fps)
+
+
+class RemoteScorer:
+    """A scorer (rewards.py's interface: `scorer(videos, prompts, fps)` -> {component: (n,), diagnostic: (n,)})
+    that asks reward_server.py at `url`."""
+
+    def __init__(self, url: str, timeout: float = 300.0, what: str = "--reward_timeout"):
+        self.url, self.timeout, self.what = url.rstrip("/"), timeout, what
+
+    def _request(self, path: str, body: bytes | None = None) -> dict:
+        """One answer of the server, retrying connection errors and 5xx until `timeout` (Deviations 2)."""
+        deadline, wait, last = time.monotonic() + self.timeout, 0.5, None
+        while True:
+            request = urllib.request.Request(self.url + path, data=body, method="POST" if body else "GET",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=max(1.0, min(60.0, self.timeout))) as answer:
+                    return json.loads(answer.read())
+            except urllib.error.HTTPError as err:
+                reason = err.read().decode(errors="replace").strip()[:300]
+                if err.code < 500:
+                    raise RewardServerError(f"--reward_url {self.url}: {path} answered {err.code}: {reason}") from None
+                last = f"{err.code}: {reason}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+                last = str(getattr(err, "reason", err))
+            if time.monotonic() + wait > deadline:
+                raise RewardServerError(f"--reward_url {self.url}: no answer within {self.timeout:g} s ({self.what}: "
+                                        f"{last}); start the server (python reward_server.py ...), then run again "
+                                        f"(a run that had started: --resume_from_checkpoint latest)") from None
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
+
+    def health(self) -> dict:
+        return self._request("/health")
+
+    def __call__(self, videos: torch.Tensor, prompts: list[str], fps: float) -> dict:
+        answer = self._request("/score", encode(videos, prompts, fps))
+        nan = float("nan")
+        scores = torch.tensor([[nan if v is None else v for v in row] for row in answer["scores"]],
+                              dtype=torch.float32).view(-1, len(COMPONENTS))
+        if scores.shape[0] != videos.shape[0]:
+            raise RewardServerError(f"--reward_url {self.url}: {scores.shape[0]} scores for {videos.shape[0]} videos")
+        out = {name: scores[:, j] for j, name in enumerate(COMPONENTS)}
+        for key, values in answer.get("diagnostics", {}).items():
+            out[key] = torch.tensor([nan if v is None else v for v in values], dtype=torch.float32)
+        return out
+
+
+def check_server(url: str, reward: str, rubric_sha256: str | None, timeout: float) -> dict:
+    """The server's health, checked against what the run asks for: the same scorer and, where the run names a
+    rubric file, the same rubric. Raises RewardServerError naming the URL."""
+    health = RemoteScorer(url, timeout, what="at start-up").health()
+    if health.get("reward") != reward:
+        raise RewardServerError(f"--reward_url {url} serves --reward {health.get('reward')!r}, not {reward!r}: "
+                                f"start the server with --reward {reward}")
+    if rubric_sha256 is not None and health.get("rubric_sha256") != rubric_sha256:
+        raise RewardServerError(f"--reward_url {url} scores with another rubric than --reward_prompt_template "
+                                f"(sha256 {health.get('rubric_sha256')} vs {rubric_sha256}): start it with the same file")
+    return health
