@@ -138,7 +138,7 @@ def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU):
 @pytest.mark.parametrize("argv, processes, kind, message", [
     (["--ulysses_degree", "2"], 3, DistributedType.MULTI_CPU, "--ulysses_degree 2 x --ring_degree 1 = 2 must divide "
                                                              "the number of processes (3)"),
-    (["--ring_degree", "2"], 2, DistributedType.MULTI_CPU, "--ring_degree 2: ring attention merges partial"),
+    (["--ring_degree", "2"], 2, DistributedType.MULTI_CPU, "--ring_degree 2: ring attention needs a GPU"),
     (["--ulysses_degree", "2", "--full"], 2, DistributedType.FSDP, "with FSDP or DeepSpeed is not supported"),
 ])
 def test_a_split_the_launch_cannot_run_is_refused_before_any_model(argv, processes, kind, message):
@@ -166,3 +166,11 @@ def test_context_parallel_options_are_part_of_the_run_identity():
     make = lambda *argv: options.resolve(options.parse_args(["--backbone", "tiny-wan", *argv]))
     identity = lambda cfg: checkpoint.run_identity(cfg, 2, "no", ["p"], ["v"])
     assert identity(make()) != identity(make("--ulysses_degree", "2"))
+
+
+def test_ring_attention_needs_a_backend_that_returns_the_log_sum_exp():
+    """On a GPU too: diffusers' default (native) backend cannot merge ring attention's partial results."""
+    from training import parallel
+
+    assert parallel.check_ring(1, "cuda") is None
+    assert "active backend is 'native'" in parallel.check_ring(2, "cuda")

@@ -58,7 +58,7 @@ import rewards
 import sde
 from models import backbones
 from reward_models.remote import RewardServerError
-from training import checkpoint, logs
+from training import checkpoint, logs, parallel
 
 
 @dataclass
@@ -416,10 +416,9 @@ def check_launch(cfg: Config, accelerator) -> None:
         raise ConfigError(f"--ulysses_degree {cfg.ulysses_degree} x --ring_degree {cfg.ring_degree} = {cp_size} must "
                           f"divide the number of processes ({accelerator.num_processes}): each group of {cp_size} "
                           f"processes shares one set of videos")
-    if cfg.ring_degree > 1 and accelerator.device.type != "cuda":
-        raise ConfigError(f"--ring_degree {cfg.ring_degree}: ring attention merges partial attentions by their "
-                          f"log-sum-exp, which diffusers' native CPU attention does not return (training/parallel.py "
-                          f"Deviations 6): use --ulysses_degree on CPU")
+    ring_problem = parallel.check_ring(cfg.ring_degree, accelerator.device.type)
+    if ring_problem:
+        raise ConfigError(ring_problem)
     if cp_size > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ConfigError("--ulysses_degree / --ring_degree with FSDP or DeepSpeed is not supported "
                           "(training/parallel.py Deviations 4): launch with DDP (configs/multi_gpu_lora.yaml)")

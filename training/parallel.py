@@ -59,6 +59,25 @@ class Layout:
     cp_size: int
 
 
+# Backends whose forward returns the log-sum-exp that ring attention merges by (diffusers 0.42.1; Deviations 6)
+RING_BACKENDS = ("flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_flash", "sage", "sage_hub")
+
+
+def check_ring(ring_degree: int, device_type: str) -> str | None:
+    """None, or why ring attention cannot run here (Deviations 6): it needs a GPU and an attention backend that
+    returns the log-sum-exp, which diffusers' default (native) does not."""
+    if ring_degree == 1:
+        return None
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    backend = _AttentionBackendRegistry.get_active_backend()[0].value
+    if device_type != "cuda" or backend not in RING_BACKENDS:
+        return (f"--ring_degree {ring_degree}: ring attention needs a GPU and an attention backend that returns the "
+                f"log-sum-exp; diffusers' active backend is {backend!r} on {device_type}: use --ulysses_degree, or "
+                f"set DIFFUSERS_ATTN_BACKEND to one of {', '.join(RING_BACKENDS)} (training/parallel.py Deviations 6)")
+    return None
+
+
 def layout(rank: int, world: int, ulysses_degree: int, ring_degree: int) -> Layout:
     cp_size = ulysses_degree * ring_degree
     return Layout(dp_rank=rank // cp_size, dp_size=world // cp_size, cp_rank=rank % cp_size, cp_size=cp_size)
