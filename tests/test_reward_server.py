@@ -20,6 +20,8 @@ import train
 from reward_models import remote
 from training import options
 
+# Real server processes and training runs: the slow tier. One worker runs them all (the module's proxy server).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reward_server")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red ball bouncing on green grass", "a blue car driving at night", "a yellow bird"]
 
