@@ -148,11 +148,9 @@ def main(args: argparse.Namespace) -> dict:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     # [dist] with --ulysses_degree / --ring_degree, groups of U x R processes sample and score the same videos
     lay = parallel.layout(rank, world, args.ulysses_degree, args.ring_degree)
-    if parallel.check_ring(args.ring_degree, device.type):
-        raise ConfigError(parallel.check_ring(args.ring_degree, device.type))
-    if world % lay.cp_size:
-        raise ConfigError(f"--ulysses_degree {args.ulysses_degree} x --ring_degree {args.ring_degree} must divide "
-                          f"the {world} processes (training/parallel.py)")
+    problem = parallel.launch_problem(world, args.ulysses_degree, args.ring_degree, device.type)
+    if problem:
+        raise ConfigError(problem)
     os.makedirs(args.output_dir, exist_ok=True)
     family, backbone, base = sample.load(args.backbone, pretrained, None, model_seed, accelerator)
     split = lambda model: parallel.enable(model, args.ulysses_degree, args.ring_degree, world, device,  # noqa: E731

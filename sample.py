@@ -201,11 +201,9 @@ def main(args: argparse.Namespace) -> list[str]:
     rank, world = accelerator.process_index, accelerator.num_processes
     # [dist] with --ulysses_degree / --ring_degree, groups of U x R processes sample the same videos together
     lay = parallel.layout(rank, world, args.ulysses_degree, args.ring_degree)
-    if parallel.check_ring(args.ring_degree, accelerator.device.type):
-        raise ConfigError(parallel.check_ring(args.ring_degree, accelerator.device.type))
-    if world % lay.cp_size:
-        raise ConfigError(f"--ulysses_degree {args.ulysses_degree} x --ring_degree {args.ring_degree} must divide "
-                          f"the {world} processes (training/parallel.py)")
+    problem = parallel.launch_problem(world, args.ulysses_degree, args.ring_degree, accelerator.device.type)
+    if problem:
+        raise ConfigError(problem)
     os.makedirs(args.output_dir, exist_ok=True)
     family, backbone, model = load(args.backbone, args.pretrained, weights, args.seed, accelerator)
     if lay.cp_size > 1:  # [dist] one video's tokens over the group, as in training

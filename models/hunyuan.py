@@ -458,12 +458,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         if encoder_hidden_states is not None:   # the text stream, appended after the video tokens
-            e_query, e_key, e_value = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                                       for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                e_query = attn.norm_added_q(e_query)
-            if attn.norm_added_k is not None:
-                e_key = attn.norm_added_k(e_key)
+            e_query, e_key, e_value = _text_qkv(attn, encoder_hidden_states)
             query, key, value = (torch.cat(pair, dim=1) for pair in
                                  ((query, e_query), (key, e_key), (value, e_value)))   # (N, S, heads, head_dim)
 
@@ -517,12 +512,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         T = 0
         if encoder_hidden_states is not None:   # the text stream, whole on every process: my heads of it
             T = encoder_hidden_states.shape[1]
-            e_query, e_key, e_value = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                                       for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                e_query = attn.norm_added_q(e_query)
-            if attn.norm_added_k is not None:
-                e_key = attn.norm_added_k(e_key)
+            e_query, e_key, e_value = _text_qkv(attn, encoder_hidden_states)
             mine = slice(rank * h, (rank + 1) * h)
             query, key, value = (torch.cat([x, e[:, :, mine]], dim=1) for x, e in
                                  ((query, e_query), (key, e_key), (value, e_value)))   # (N, V + T, H/U, D)
@@ -537,6 +527,17 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             return video, None
         text = _GatherHeads.apply(out[:, -T:], group, U).flatten(2, 3)   # (N, T, H * D), the same everywhere
         return video, attn.to_add_out(text)
+
+
+def _text_qkv(attn, encoder_hidden_states):
+    """The text stream's query, key and value (N, T, heads, head_dim), QK-normalised, as diffusers' processor."""
+    e_query, e_key, e_value = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        e_query = attn.norm_added_q(e_query)
+    if attn.norm_added_k is not None:
+        e_key = attn.norm_added_k(e_key)
+    return e_query, e_key, e_value
 
 
 class _GatherHeads(torch.autograd.Function):

@@ -412,13 +412,10 @@ def check_launch(cfg: Config, accelerator) -> None:
         raise ConfigError("LoRA under FSDP or DeepSpeed is not supported (the adapter would be saved with the whole "
                           "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
     cp_size = cfg.ulysses_degree * cfg.ring_degree  # training/parallel.py
-    if accelerator.num_processes % cp_size:
-        raise ConfigError(f"--ulysses_degree {cfg.ulysses_degree} x --ring_degree {cfg.ring_degree} = {cp_size} must "
-                          f"divide the number of processes ({accelerator.num_processes}): each group of {cp_size} "
-                          f"processes shares one set of videos")
-    ring_problem = parallel.check_ring(cfg.ring_degree, accelerator.device.type)
-    if ring_problem:
-        raise ConfigError(ring_problem)
+    problem = parallel.launch_problem(accelerator.num_processes, cfg.ulysses_degree, cfg.ring_degree,
+                                      accelerator.device.type)
+    if problem:
+        raise ConfigError(problem)
     if cp_size > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ConfigError("--ulysses_degree / --ring_degree with FSDP or DeepSpeed is not supported "
                           "(training/parallel.py Deviations 4): launch with DDP (configs/multi_gpu_lora.yaml)")

@@ -78,6 +78,16 @@ def check_ring(ring_degree: int, device_type: str) -> str | None:
     return None
 
 
+def launch_problem(world: int, ulysses_degree: int, ring_degree: int, device_type: str) -> str | None:
+    """None, or why this launch cannot run the split: U x R must divide the processes, and ring attention needs
+    what check_ring says. One check for train.py, sample.py and evaluate.py."""
+    cp_size = ulysses_degree * ring_degree
+    if world % cp_size:
+        return (f"--ulysses_degree {ulysses_degree} x --ring_degree {ring_degree} = {cp_size} must divide the number "
+                f"of processes ({world}): each group of {cp_size} processes shares one set of videos")
+    return check_ring(ring_degree, device_type)
+
+
 def layout(rank: int, world: int, ulysses_degree: int, ring_degree: int) -> Layout:
     cp_size = ulysses_degree * ring_degree
     return Layout(dp_rank=rank // cp_size, dp_size=world // cp_size, cp_rank=rank % cp_size, cp_size=cp_size)
