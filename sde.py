@@ -81,6 +81,22 @@ Deviations / choices
    of x_T and the rollout weights only, exactly as a stored x_t is for every trained step without a window:
    the per-step ratio pi_theta(x_{t+1} | x_t) / pi_old(x_{t+1} | x_t) is the same quantity, and it is
    exactly 1 at unchanged weights. The equalizer's median is taken over the window's steps.
+6. A higher-order solver outside the window (`ode_solver`, `ode_steps`; MixGRPO-Flash's idea): the runs of
+   deterministic steps (before the window, after it) are integrated by `ode_solver` in `ode_steps` model calls
+   in all instead of one call per step. The solver visits a subset of the training grid (`solver_grid`: evenly
+   spaced step indices), so the window's sigmas are the training schedule's exactly, the state entering the
+   window is the solver's, and the window's steps are sampled, stored and trained as in 5 (the on-policy ratio
+   stays exactly 1). The calls are shared among the runs in proportion to their lengths (`ode_calls`).
+   - "euler" is the plain Euler step of the ODE on that coarser grid (with one call per step it is today's
+     rollout exactly); "unipc" is diffusers' UniPCMultistepScheduler (Wan2.1's own sampler, flow sigmas, shift
+     1 because our sigmas are already shifted), driven step by step with our velocity at our sigmas. The
+     scheduler ends its grid at sigma 0; a run that ends at the window (sigma_s > 0) gets its last sigma
+     replaced by sigma_s, the only thing we set by hand (UniPC's update is written for any target sigma).
+     It keeps diffusers' own guard at sigma = 1 (sigma_0 - 1e-6, there log alpha = -inf).
+   - The states the solver does not visit do not exist: their latents and means are stored as NaN, so any
+     read of them is loud; they carry no log-prob (0) and std 0, as every deterministic step.
+   - Each generator still draws once per replaced step (as sde_step draws on every step), so the window's
+     noise is the same draws whatever the solver: runs with and without it are paired sample by sample.
 
 Run: `python -m pytest tests/test_sde.py -q`.
 """
@@ -93,6 +109,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 KINDS = ("ode", "dance", "flow", "sage", "cps")
+ODE_SOLVERS = ("euler", "unipc")  # for the deterministic steps (Deviations 6)
 SAGE_SIGMA_GUARD = 3e-3  # [SAGE] code: sigma_t is clamped to 1 - 3e-3 inside the log
 
 
@@ -344,14 +361,87 @@ def policy_step(velocity_fn: Callable, traj: Trajectory, t: torch.Tensor, kind: 
     return PolicyStep(mu, std, log_prob(s.x_next, mu, std))
 
 
+def check_solver(ode_solver: str, ode_steps: int | None) -> None:
+    if ode_solver not in ODE_SOLVERS:
+        raise ValueError(f"ode_solver {ode_solver!r}: one of {', '.join(ODE_SOLVERS)}")
+    if ode_steps is not None and (isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1):
+        raise ValueError(f"ode_steps {ode_steps!r}: a number of model calls >= 1")
+
+
+def ode_runs(deterministic: Sequence[bool]) -> list[tuple[int, int]]:
+    """The maximal runs [a, b) of consecutive deterministic steps, in order (before the window, after it)."""
+    runs, a = [], None
+    for t, det in enumerate(list(deterministic) + [False]):
+        if det and a is None:
+            a = t
+        elif not det and a is not None:
+            runs.append((a, t))
+            a = None
+    return runs
+
+
+def ode_calls(lengths: Sequence[int], calls: int) -> list[int]:
+    """`calls` model calls shared among runs of `lengths` steps in proportion to their lengths (each run gets
+    1..length; the largest remainders get the rounding), Deviations 6."""
+    total = sum(lengths)
+    if not len(lengths) <= calls <= total:
+        raise ValueError(f"{calls} solver calls for {len(lengths)} run(s) of {total} deterministic steps: the calls "
+                         f"must be in {len(lengths)}..{total} (at least one per run, at most one per step)")
+    share = [min(n, max(1, calls * n // total)) for n in lengths]
+    while sum(share) != calls:  # hand out (or take back) one call at a time, where the rounding was largest
+        more = sum(share) < calls
+        room = [i for i, n in enumerate(lengths) if (share[i] < n if more else share[i] > 1)]
+        gap = lambda i: calls * lengths[i] / total - share[i]  # noqa: E731  what run i is owed
+        i = max(room, key=gap) if more else min(room, key=gap)
+        share[i] += 1 if more else -1
+    return share
+
+
+def solver_grid(a: int, b: int, calls: int) -> list[int]:
+    """calls + 1 step indices from a to b, evenly spaced and rounded half up: the points of the training grid a
+    solver visits (strictly increasing for calls <= b - a; all of a..b when calls = b - a)."""
+    return [a + (2 * (b - a) * i + calls) // (2 * calls) for i in range(calls + 1)]
+
+
+def _unipc(sigmas: torch.Tensor):
+    """diffusers' UniPC (Wan2.1's sampler) on exactly these sigmas (Deviations 6): flow prediction, shift 1 (our
+    sigmas are shifted already), driven one step at a time from the first."""
+    from diffusers import UniPCMultistepScheduler  # here: the Euler path and the toy do not need diffusers
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+    scheduler.set_timesteps(sigmas=sigmas[:-1].double().numpy())  # it appends sigma 0, guards sigma = 1
+    scheduler.sigmas[-1] = sigmas[-1]  # a run that ends at the window ends at sigma_s > 0
+    scheduler.set_begin_index(0)
+    return scheduler
+
+
+def ode_run(velocity_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor, solver: str) -> list[torch.Tensor]:
+    """The states at sigmas[0..M] (M + 1 of them, the first x) of the ODE from x, integrated by `solver` in M model
+    calls, each at one of these sigmas (Deviations 6)."""
+    N, states = x.shape[0], [x]
+    scheduler = _unipc(sigmas.cpu()) if solver == "unipc" else None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].expand(N), sigmas[i + 1].expand(N)  # (N,), (N,)
+        v = velocity_fn(x, sigma).float()  # the model at our sigma (the scheduler's first one is 1 - 1e-6)
+        if scheduler is None:
+            x = step_mean_std(x, v, sigma, sigma_next, "ode", 0.0)[0]
+        else:
+            x = scheduler.step(v, scheduler.timesteps[i], x).prev_sample.float()
+        states.append(x)
+    return states
+
+
 @torch.no_grad()
 def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator=None,
-            window: torch.Tensor | None = None) -> Trajectory:
+            window: torch.Tensor | None = None, ode_solver: str = "euler", ode_steps: int | None = None) -> Trajectory:
     """Sample K stochastic steps from x_T, storing latents, means, stds and log-probs. With a window (K,)
     bool, only its steps are stochastic and the others are ODE steps (Deviations 5).
 
     velocity_fn(x, sigma) -> v is all it knows of a model; sigma is passed as a per-sample tensor (N,)
     so that training, which mixes timesteps within a batch, recomputes exactly the same numbers.
+
+    ode_solver / ode_steps: the runs of deterministic steps are integrated by that solver in ode_steps calls in
+    all (Deviations 6); the default, Euler with one call per step, is the loop below alone.
     """
     x = x_T.float()
     N, K = x.shape[0], len(sigmas) - 1
@@ -365,12 +455,29 @@ def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator
     # Everything training needs is stored here: x_t and x_{t+1} (the sampled action), mu_old for the
     # step-wise KL and logp_old for the ratio. Training recomputes only mu_theta.
     latents, mus, stds, logps = [x], [], [], []
-    for t in range(K):
+    check_solver(ode_solver, ode_steps)
+    runs = ode_runs([k == "ode" for k in kinds]) if ode_solver != "euler" or ode_steps is not None else []
+    calls = ode_calls([b - a for a, b in runs], ode_steps or sum(b - a for a, b in runs)) if runs else []
+    solved = {a: (b, m) for (a, b), m in zip(runs, calls)}  # run start -> (run end, its model calls)
+    t = 0
+    while t < K:
+        if t in solved:  # a run of deterministic steps, by the solver (Deviations 6)
+            end, m = solved[t]
+            grid = solver_grid(t, end, m)
+            states = iter(ode_run(velocity_fn, x, sigmas_dev[grid], ode_solver)[1:])
+            nan = torch.full_like(x, float("nan"))  # states the solver does not visit do not exist
+            for u in range(t, end):
+                _randn_like(x, generator)  # the draw this step would have made: the window's noise is unchanged
+                latents.append(next(states) if u + 1 in grid else nan), mus.append(nan)
+                stds.append(torch.zeros((), device=x.device)), logps.append(torch.zeros(N, device=x.device))
+            x, t = latents[-1], end
+            continue
         sigma, sigma_next = sigmas_dev[t].expand(N), sigmas_dev[t + 1].expand(N)  # (N,), (N,)
         x_next, mu, std = sde_step(x, velocity_fn(x, sigma), sigma, sigma_next, kinds[t], eta, generator)
         logps.append(log_prob(x_next, mu, std) if stochastic[t] else torch.zeros(N, device=x.device))
         latents.append(x_next), mus.append(mu), stds.append(std[0])
         x = x_next
+        t += 1
     return Trajectory(
         latents=torch.stack(latents, 1),  # (N, K+1, ...)
         mu=torch.stack(mus, 1),  # (N, K, ...)

@@ -594,6 +594,35 @@ def initial_noise(generators: list[torch.Generator], latent: tuple, device) -> t
     return torch.stack([torch.randn(latent, generator=g, device=g.device) for g in generators]).to(device)
 
 
+def scheduler_from_config(config: dict):
+    """A diffusers scheduler from a weights folder's scheduler config (its `_class_name`), fresh, so that a
+    multistep scheduler's history starts empty."""
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"scheduler config names {config.get('_class_name')!r}, which is not a diffusers scheduler")
+    return cls.from_config(config)
+
+
+@torch.no_grad()
+def pipeline_sample(family, backbone, model, embeds, negative, x_T, guidance: float, num_steps: int,
+                    micro_batch: int) -> torch.Tensor:
+    """The final latents (N, ...) as the family's diffusers pipeline samples them (sample.py --ode_solver
+    pipeline): its scheduler and grid (family.pipeline_scheduler), the model at the timesteps the scheduler hands
+    out, the scheduler's own step. The policy velocity (CFG inside) is the training one."""
+    finals = []
+    for i in range(0, len(embeds), micro_batch):
+        scheduler = family.pipeline_scheduler(backbone, num_steps)  # fresh per batch: a multistep solver has a history
+        v = velocity_fn(family, model, embeds[i:i + micro_batch], negative, guidance)
+        x = x_T[i:i + micro_batch].float()
+        for t in scheduler.timesteps:
+            sigma = (t.double() / 1000).float().expand(len(x))  # the velocity sees timestep 1000 sigma = t
+            x = scheduler.step(v(x, sigma), t, x, return_dict=False)[0]
+        finals.append(x)
+    return torch.cat(finals)
+
+
 def velocity_fn(family, model, embeds, negative, guidance: float) -> Callable:
     """The policy velocity (x, sigma) -> v for one micro-batch of prompt embeddings, CFG inside.
     `negative` is the one-row negative-prompt embedding (cache.negative(1)), or None for no CFG; it is
@@ -603,7 +632,8 @@ def velocity_fn(family, model, embeds, negative, guidance: float) -> Callable:
 
 
 def sample(family, model, embeds, negative, x_T, generators, sigmas, kind: str, eta: float, guidance: float,
-           micro_batch: int, window: torch.Tensor | None = None, shared_prefix: int = 0) -> sde.Trajectory:
+           micro_batch: int, window: torch.Tensor | None = None, shared_prefix: int = 0, ode_solver: str = "euler",
+           ode_steps: int | None = None) -> sde.Trajectory:
     """The micro-batched rollout (training rollouts and validation alike): `sde.rollout` of each run of
     `micro_batch` rows, joined. Row i's noise comes from generators[i] only, so the result does not depend
     on the micro-batch size. `window` (K,) bool makes only its steps stochastic (sde.py Deviations 5).
@@ -612,19 +642,29 @@ def sample(family, model, embeds, negative, x_T, generators, sigmas, kind: str, 
     they share the deterministic ODE prefix up to the window too; it is computed once per group, on rows
     0, G, 2G, ..., and repeated (Deviations 4). The caller gives the group's rows the same x_T. The other rows'
     generators skip the draws the prefix would have made (sde_step draws noise on every step), so the result
-    equals computing each row's prefix on its own (tested)."""
+    equals computing each row's prefix on its own (tested).
+
+    ode_solver / ode_steps: the steps outside the window (all of them for kind "ode") are integrated by that solver
+    in ode_steps model calls in all (sde.py Deviations 6); a shared prefix gets its share of the calls
+    (sde.ode_calls), the rest the others."""
     start = int(torch.nonzero(window.cpu())[0]) if window is not None and shared_prefix else 0
     if start > 0:
         G = shared_prefix
+        prefix_calls = rest_calls = None
+        if ode_steps is not None:  # the calls of the whole rollout, shared as sde.rollout would share them
+            runs = sde.ode_runs((~window.cpu()).tolist())
+            prefix_calls = sde.ode_calls([b - a for a, b in runs], ode_steps)[0]  # runs[0] is the prefix [0, start)
+            rest_calls = ode_steps - prefix_calls if len(runs) > 1 else None
         prefix = sample(family, model, embeds[::G], negative, x_T[::G], generators[::G], sigmas[: start + 1], "ode",
-                        0.0, guidance, micro_batch)
+                        0.0, guidance, micro_batch, ode_solver=ode_solver, ode_steps=prefix_calls)
         prefix = prefix.rows(torch.arange(len(embeds) // G, device=x_T.device).repeat_interleave(G))  # (N, s+1, ...)
         for _ in range(start):  # the other members' noise streams advance as if they had run the prefix themselves
             [torch.randn(x_T.shape[1:], generator=g, device=g.device) for i, g in enumerate(generators) if i % G]
         rest = sample(family, model, embeds, negative, prefix.latents[:, -1], generators, sigmas[start:], kind, eta,
-                      guidance, micro_batch, window[start:])
+                      guidance, micro_batch, window[start:], ode_solver=ode_solver, ode_steps=rest_calls)
         return prefix.then(rest)
     return sde.Trajectory.cat([
         sde.rollout(velocity_fn(family, model, embeds[i:i + micro_batch], negative, guidance),
-                    x_T[i:i + micro_batch], sigmas, kind, eta, generators[i:i + micro_batch], window)
+                    x_T[i:i + micro_batch], sigmas, kind, eta, generators[i:i + micro_batch], window,
+                    ode_solver=ode_solver, ode_steps=ode_steps)
         for i in range(0, len(embeds), micro_batch)])

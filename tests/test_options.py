@@ -144,6 +144,13 @@ BAD_OPTIONS = [
     (["--sde_window", "2", "--sde_window_start", "\u00b2"], "--sde_window_start '\u00b2': 'random', 'sliding' or an index"),
     (["--sde_window", "5"], "--sde_window 5: must be in 0..4"),
     (["--shared_prefix"], "--shared_prefix needs --sde_window"),
+    (["--sde_window", "2", "--ode_solver", "rk4"], "--ode_solver 'rk4': choose one of ('euler', 'unipc')"),
+    (["--ode_solver", "unipc"], "without a window every step is stochastic and trained: set --sde_window W"),
+    (["--sde_window", "2", "--ode_steps", "0"], "--ode_steps 0: a number of model calls >= 1"),
+    (["--sde_window", "1", "--sde_window_start", "0", "--ode_steps", "4"],  # 3 steps after the window
+     "--ode_steps 4 with the window at stochastic step 0: 4 solver calls for 1 run(s) of 3 deterministic steps"),
+    (["--num_steps", "6", "--sde_window", "2", "--sde_window_range", "0,6", "--ode_steps", "1"],  # a window inside
+     "--ode_steps 1 with the window at stochastic step 1: 1 solver calls for 2 run(s) of 4 deterministic steps"),
     (["--optimizer", "sgd"], "--optimizer 'sgd': choose adamw or muon"),
     (["--report_to", "comet"], "--report_to 'comet': choose one of"),
 ]

@@ -163,32 +163,44 @@ def test_videoalign_reward_scores_the_rollout_it_is_given(tmp_path):
     torch.testing.assert_close(scores, torch.tensor(logged["scores"]), atol=1e-4, rtol=0)
 
 
-def model_calls(K, N, k_train, micro, guidance, anchor_rows, prefix=0, G=4):
+def model_calls(K, N, k_train, micro, guidance, anchor_rows, prefix=0, G=4, rest=None):
     """The method's minimum per iteration (docs/performance.md): rows = samples x CFG branches. With a shared
-    prefix of `prefix` ODE steps, those steps run once per group (N / G rows) instead of once per sample."""
+    prefix of `prefix` ODE calls, those run once per group (N / G rows) instead of once per sample; `rest` is the
+    calls per sample after it (K - prefix; W + the solver's calls after the window with --ode_steps)."""
     cfg_rows = 2 if guidance != 1 else 1
-    rollout_calls = prefix * math.ceil(N // G / micro) + (K - prefix) * N // micro
-    return {"rollout": {"calls": rollout_calls, "rows": (prefix * N // G + (K - prefix) * N) * cfg_rows},
+    rest = K - prefix if rest is None else rest
+    rollout_calls = prefix * math.ceil(N // G / micro) + rest * N // micro
+    return {"rollout": {"calls": rollout_calls, "rows": (prefix * N // G + rest * N) * cfg_rows},
             "anchor": {"calls": k_train * N // micro if anchor_rows else 0, "rows": k_train * N * cfg_rows if anchor_rows else 0},
             "train": {"calls": k_train * N // micro, "backwards": k_train * N // micro, "rows": k_train * N * cfg_rows}}
 
 
-@pytest.mark.parametrize("args, K, k_train, micro, guidance, anchor_at_step2, prefix", [
-    ([], 4, 4, 4, 6.0, True, 0),  # sage, all 4 steps trained; anchor 1 update behind at step 2
-    (["--sde", "cps", "--timestep_fraction", "0.5", "--micro_batch_size", "2", "--guidance", "1"], 4, 2, 2, 1.0, True, 0),
-    (["--num_steps", "3", "--anchor_every", "1"], 3, 3, 4, 6.0, False, 0),  # anchor refreshed: equals the rollout
-    (["--beta_pos", "0"], 4, 4, 4, 6.0, False, 0),  # no position KL, no anchor forwards
-    (["--sde_window", "2", "--sde_window_start", "1"], 4, 2, 4, 6.0, True, 0),  # 2 of 4 steps stochastic and trained
-    (["--sde_window", "2", "--sde_window_start", "2", "--shared_prefix", "--micro_batch_size", "2"], 4, 2, 2, 6.0, True, 2),
+WINDOW_6 = ["--num_steps", "6", "--sde_window", "2", "--sde_window_start"]
+
+
+@pytest.mark.parametrize("args, K, k_train, micro, guidance, anchor_at_step2, prefix, rest", [
+    ([], 4, 4, 4, 6.0, True, 0, None),  # sage, all 4 steps trained; anchor 1 update behind at step 2
+    (["--sde", "cps", "--timestep_fraction", "0.5", "--micro_batch_size", "2", "--guidance", "1"], 4, 2, 2, 1.0, True, 0,
+     None),
+    (["--num_steps", "3", "--anchor_every", "1"], 3, 3, 4, 6.0, False, 0, None),  # anchor refreshed: the rollout's
+    (["--beta_pos", "0"], 4, 4, 4, 6.0, False, 0, None),  # no position KL, no anchor forwards
+    (["--sde_window", "2", "--sde_window_start", "1"], 4, 2, 4, 6.0, True, 0, None),  # 2 of 4 steps stochastic, trained
+    (["--sde_window", "2", "--sde_window_start", "2", "--shared_prefix", "--micro_batch_size", "2"], 4, 2, 2, 6.0, True, 2,
+     None),
+    # the 4 steps after a window at 0 in 2 UniPC calls: 2 + 2 per sample
+    (WINDOW_6 + ["0", "--ode_solver", "unipc", "--ode_steps", "2"], 6, 2, 4, 6.0, True, 0, 4),
+    # 2 steps before the window (1 call, once per group) and 2 after it (1 call): 1 + (2 + 1)
+    (WINDOW_6 + ["2", "--ode_steps", "2", "--shared_prefix"], 6, 2, 4, 6.0, True, 1, 3),
 ])
-def test_transformer_calls_are_the_methods_minimum(tmp_path, args, K, k_train, micro, guidance, anchor_at_step2, prefix):
+def test_transformer_calls_are_the_methods_minimum(tmp_path, args, K, k_train, micro, guidance, anchor_at_step2, prefix,
+                                                   rest):
     # cps's last step is deterministic: 3 stochastic of 4, ceil(0.5 x 3) = 2 trained
     rows = run(tmp_path, "--max_steps", 2, "--validation_steps", 0, "--checkpointing_steps", 0, "--profile", *args)
     assert all(r["train/first_ratio_dev"] < 1e-6 for r in rows)  # on-policy: the recomputed ratio is 1
     profile = read_jsonl(tmp_path / "profile.jsonl")
     assert [p["step"] for p in profile] == [1, 2]
     for p, anchor in zip(profile, (False, anchor_at_step2)):  # step 1: the anchor is the initial policy
-        expected = model_calls(K, 4, k_train, micro, guidance, anchor, prefix)
+        expected = model_calls(K, 4, k_train, micro, guidance, anchor, prefix, rest=rest)
         for phase, want in expected.items():
             got = {k: p["phases"][phase][k] for k in want}
             assert got == want, (phase, p["step"], got, want)

@@ -123,7 +123,8 @@ RUN_FIELDS = ("backbone", "pretrained", "full", "lora_rank", "lora_alpha", "lora
               "kl_end", "kl_ramp_steps", "updates_per_rollout", "reward", "reward_model", "curriculum",
               "curriculum_tau", "curriculum_k", "curriculum_beta", "static_weights", "learning_rate", "weight_decay",
               "lr_scheduler", "lr_warmup_steps", "max_grad_norm", "seed", "optimizer",
-              "sde_window", "sde_window_start", "sde_window_range", "shared_prefix", "ulysses_degree", "ring_degree")
+              "sde_window", "sde_window_start", "sde_window_range", "shared_prefix", "ode_solver", "ode_steps",
+              "ulysses_degree", "ring_degree")
 
 
 class CheckpointError(ValueError):

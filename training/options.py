@@ -118,6 +118,12 @@ class Config:
     shared_prefix: bool = field(default=False, metadata={
         "help": "with --sde_window: the G videos of a prompt share x_T, so the ODE prefix before the window runs once "
                 "per group ([SAGE] draws x_T per video: off)"})
+    ode_solver: str = field(default="euler", metadata={
+        "help": "with --sde_window: the solver of the deterministic steps outside the window (euler, or unipc: "
+                "Wan2.1's own sampler; MixGRPO-Flash), also for validation"})
+    ode_steps: Optional[int] = field(default=None, metadata={
+        "help": "with --sde_window: model calls for all the deterministic steps outside the window (default: one "
+                "per step); the window's steps keep the training schedule; validation takes W + M calls"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip on the mean-reduced ratio ([FlowGRPO] 1e-4)"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clip ([FlowGRPO] 5)"})
     anchor_every: int = field(default=10, metadata={"help": "moving-anchor period in optimizer updates; 0 = fixed reference"})
@@ -318,6 +324,7 @@ def resolve(cfg: Config) -> Config:
     cfg = replace(cfg, sde_window_range=window_range(cfg, k_stochastic))
     if cfg.shared_prefix and not cfg.sde_window:
         raise ConfigError("--shared_prefix needs --sde_window W > 0 (without a window there is no ODE prefix to share)")
+    check_solver(cfg, stochastic)
     if cfg.lora_targets not in LORA_TARGETS:
         raise ConfigError(f"--lora_targets {cfg.lora_targets!r}: choose one of {LORA_TARGETS}")
     if cfg.full and cfg.lora_targets != "attn":
@@ -373,6 +380,40 @@ def resolve(cfg: Config) -> Config:
     except (ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
     return cfg
+
+
+def check_solver(cfg: Config, stochastic) -> None:
+    """--ode_solver / --ode_steps (sde.py Deviations 6): a solver needs a window (without one every step is
+    stochastic, sampled and trained: nothing is left to integrate), and M calls must fit every place the window can
+    take (at least one call per run of deterministic steps, at most one per step)."""
+    if cfg.ode_solver not in sde.ODE_SOLVERS:
+        raise ConfigError(f"--ode_solver {cfg.ode_solver!r}: choose one of {sde.ODE_SOLVERS}")
+    if cfg.ode_solver == "euler" and cfg.ode_steps is None:
+        return  # one Euler call per step: the plain rollout
+    if not cfg.sde_window:
+        raise ConfigError(f"--ode_solver {cfg.ode_solver} / --ode_steps integrate the deterministic steps outside "
+                          f"--sde_window; without a window every step is stochastic and trained: set --sde_window W")
+    if cfg.ode_steps is None:
+        return
+    if cfg.ode_steps < 1:
+        raise ConfigError(f"--ode_steps {cfg.ode_steps}: a number of model calls >= 1")
+    if cfg.sde_window_start in ("random", "sliding"):
+        first, end = (int(x) for x in cfg.sde_window_range.split(","))
+        starts = range(first, end - cfg.sde_window + 1)
+    else:
+        starts = [int(cfg.sde_window_start)]
+    for start in starts:  # every place the window may take (the rollout splits M the same way)
+        runs = sde.ode_runs((~sde.window_mask(stochastic, start, cfg.sde_window)).tolist())
+        try:
+            sde.ode_calls([b - a for a, b in runs], cfg.ode_steps)
+        except ValueError as err:
+            raise ConfigError(f"--ode_steps {cfg.ode_steps} with the window at stochastic step {start}: {err}") from None
+
+
+def validation_calls(cfg: Config) -> Optional[int]:
+    """The model calls of a validation video's K-step ODE with --ode_steps M: W + M, what a rollout costs (None:
+    one per step)."""
+    return None if cfg.ode_steps is None else min(cfg.num_steps, cfg.sde_window + cfg.ode_steps)
 
 
 def window_range(cfg: Config, k_stochastic: int) -> Optional[str]:
