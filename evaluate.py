@@ -22,8 +22,9 @@ A policy equal to the base (a zero adapter) gives identical videos, so every pai
 Deviations / choices
 1. SE over prompts, not over videos: the S seeds of one prompt are not independent draws of the prompt
    distribution, and treating the P S videos as independent would understate the SE.
-2. Every row samples with the backbone preset's settings (ODE, K, guidance, shift, clip size), the one
-   protocol for all rows, whatever each run was trained with; the base weights are the runs' (their
+2. Every row samples with the backbone preset's settings (ODE, K, guidance, shift, clip size) and one sampler
+   (`--ode_solver`, `--ode_steps`, as sample.py's: by default Euler on the training grid; `pipeline` as the
+   backbone's diffusers pipeline samples), the one protocol for all rows, whatever each run was trained with; the base weights are the runs' (their
    --pretrained, or for the random tiny backbones their --seed, which must agree).
 3. Video (p, s) starts from rollout_generators(s, VALIDATION, p, 1): the video `sample.py --seed s` makes
    for prompt p of the same file.
@@ -64,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward_model", help="folder or hub id of the model-based reward ('tiny': random tiny one)")
     p.add_argument("--reward_prompt_template", help="VideoAlign rubric (or judge template) file")
     p.add_argument("--batch_size", type=int, default=4, help="videos per sampling and scoring call (bounds memory)")
+    sample.add_solver_options(p)
     p.add_argument("--ulysses_degree", type=int, default=1,
                    help="context parallelism, as train.py's: U processes share each video (training/parallel.py)")
     p.add_argument("--ring_degree", type=int, default=1, help="context parallelism by ring attention (GPU only)")
@@ -103,6 +105,7 @@ def check(args: argparse.Namespace):
         raise ConfigError(f"--runs were trained from different --pretrained {sorted(pretrained)}: pass --pretrained")
     pretrained = args.pretrained or next(iter(pretrained), None)
     settings = sample.resolve_settings(args.backbone, {}, {})
+    sample.check_solver(args, settings["num_steps"])
     try:
         folder = backbones.check_request(args.backbone, pretrained,
                                          *(settings[k] for k in ("num_frames", "height", "width")))
@@ -183,7 +186,7 @@ def main(args: argparse.Namespace) -> dict:
         local = []
         for chunk in chunks:
             videos = sample.generate(family, backbone, model, cache, negative, [items[i] for i in chunk], settings,
-                                     "ode", 0.0, accelerator)
+                                     "ode", 0.0, accelerator, args.ode_solver, args.ode_steps)
             chunk_prompts = [items[i][0] for i in chunk]
             score_all = lambda v, p: (torch.stack([rewards.score_batched(  # noqa: E731  (n, R x 3)
                 scorers[r], v, p, settings["fps"], args.batch_size)[0] for r in names], 1).flatten(1), {})
@@ -198,7 +201,8 @@ def main(args: argparse.Namespace) -> dict:
     bar.close()
 
     result = {"backbone": args.backbone, "pretrained": pretrained, "prompts": args.prompts, "num_prompts": P,
-              "seeds": list(range(S)), "rewards": names, "columns": list(COLUMNS), "settings": settings,
+              "seeds": list(range(S)), "rewards": names, "columns": list(COLUMNS),
+              "settings": {**settings, "ode_solver": args.ode_solver, "ode_steps": args.ode_steps},
               "statistics": "mean; SE over prompts (seeds averaged first); ci95 = mean -+ 1.96 SE; win rate vs base "
                             "paired by prompt and seed, ties 0.5",
               "items": [{"prompt": p, "seed": s} for p, s, _ in items], "rows": []}

@@ -26,6 +26,12 @@ Deviations / choices
    groups split them, the U processes of a group compute each video together and one of them writes it.
 5. `--batch_size` videos are sampled per call, so the stored trajectory and the decoded clips stay bounded;
    each forward takes the preset's micro-batch (one video for the real backbones).
+6. Which sampler (`--ode_solver`): by default `euler` on the training grid, one call per step, the ODE train.py's
+   validation samples, so a run's validation videos are reproduced; `unipc` integrates that grid in
+   `--ode_steps` calls (sde.py Deviations 6); `pipeline` samples as the backbone's diffusers pipeline does out of
+   the box (its folder's scheduler and its set_timesteps(K) grid: UniPC on WanPipeline's own grid for Wan2.1,
+   Euler on the training grid for HunyuanVideo-1.5), for videos comparable with other papers' (tested against
+   WanPipeline). Training keeps its grid: the SDE, its window and log-probs are defined on it.
 
 Test: `python -m pytest tests/test_sample_evaluate.py -q`.
 """
@@ -62,11 +68,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sde", default="ode", choices=sde.KINDS, help="ode (deterministic) or an SDE kind of sde.py")
     p.add_argument("--eta", type=float, help="noise level of an SDE kind (default 0.5, train.py's; ode: 0)")
     p.add_argument("--batch_size", type=int, default=4, help="videos per sampling call (bounds memory)")
+    add_solver_options(p)
     p.add_argument("--ulysses_degree", type=int, default=1,
                    help="context parallelism, as train.py's: U processes share each video (training/parallel.py)")
     p.add_argument("--ring_degree", type=int, default=1, help="context parallelism by ring attention (GPU only)")
     p.add_argument("--output_dir", required=True)
     return p.parse_args(argv)
+
+
+def add_solver_options(p: argparse.ArgumentParser) -> None:
+    """--ode_solver / --ode_steps, shared with evaluate.py (Deviations 6)."""
+    p.add_argument("--ode_solver", default="euler", choices=(*sde.ODE_SOLVERS, "pipeline"),
+                   help="euler: the training grid, one call per step (train.py's validation); unipc: UniPC on that "
+                        "grid in --ode_steps calls; pipeline: the backbone's diffusers pipeline, its scheduler and grid")
+    p.add_argument("--ode_steps", type=int, help="model calls of euler / unipc (default K = --num_steps)")
+
+
+def check_solver(args: argparse.Namespace, num_steps: int) -> None:
+    """The solver options against the sampling they would change (Deviations 6)."""
+    if args.ode_solver == "euler" and args.ode_steps is None:
+        return
+    if getattr(args, "sde", "ode") != "ode":
+        raise ConfigError(f"--ode_solver {args.ode_solver} / --ode_steps integrate the ODE; --sde {args.sde} samples "
+                          f"every step stochastically: use --sde ode")
+    if args.ode_steps is not None and args.ode_solver == "pipeline":
+        raise ConfigError(f"--ode_solver pipeline samples --num_steps {num_steps} steps as the pipeline does: drop "
+                          f"--ode_steps, or set --num_steps")
+    if args.ode_steps is not None and not 1 <= args.ode_steps <= num_steps:
+        raise ConfigError(f"--ode_steps {args.ode_steps}: model calls in 1..{num_steps} (--num_steps K, the grid the "
+                          f"solver visits a subset of)")
 
 
 def resolve_settings(name: str, run: dict, overrides: dict) -> dict:
@@ -129,6 +159,7 @@ def check(args: argparse.Namespace):
         sde.step_variances(sde.sigma_schedule(settings["num_steps"], shift), args.sde, eta)
     except ValueError as err:
         raise ConfigError(f"--sde {args.sde} --eta {eta} --num_steps {settings['num_steps']}: {err}") from None
+    check_solver(args, settings["num_steps"])
     return weights, prompts, settings, eta
 
 
@@ -151,10 +182,10 @@ def load(name: str, pretrained, weights: export.Weights | None, seed: int, accel
 
 
 def generate(family, backbone, model, cache, negative, items: list[tuple[str, int, int]], settings: dict,
-             kind: str, eta: float, accelerator) -> torch.Tensor:
+             kind: str, eta: float, accelerator, ode_solver: str = "euler", ode_steps: int | None = None) -> torch.Tensor:
     """Videos (N, F, 3, H, W) in [0, 1] for items (prompt, seed, index): the noise of item (p, s, k) comes from
     rollout_generators(s, VALIDATION, k, 1), as in train.py's validation; then backbones.sample (the one
-    sampling loop) and the family's decoder."""
+    sampling loop; backbones.pipeline_sample for --ode_solver pipeline) and the family's decoder."""
     device = accelerator.device
     latent = family.latent_shape(backbone, settings["num_frames"], settings["height"], settings["width"])
     shift = settings["shift"] if settings["shift"] is not None else backbone.shift
@@ -162,11 +193,16 @@ def generate(family, backbone, model, cache, negative, items: list[tuple[str, in
     gens = [backbones.rollout_generators(s, backbones.VALIDATION, k, 1, device)[0] for _, s, k in items]
     x_T = backbones.initial_noise(gens, latent, device)  # (N, C, F', H', W')
     embeds = cache([p for p, _, _ in items])
+    micro_batch = settings["micro_batch_size"] or len(items)
     with torch.no_grad(), accelerator.autocast():  # [dist] Deviations 3
-        traj = backbones.sample(family, model, embeds, negative, x_T, gens, sigmas, kind, eta, settings["guidance"],
-                                settings["micro_batch_size"] or len(items))
+        if ode_solver == "pipeline":  # Deviations 6
+            final = backbones.pipeline_sample(family, backbone, model, embeds, negative, x_T, settings["guidance"],
+                                              settings["num_steps"], micro_batch)
+        else:
+            final = backbones.sample(family, model, embeds, negative, x_T, gens, sigmas, kind, eta, settings["guidance"],
+                                     micro_batch, ode_solver=ode_solver, ode_steps=ode_steps).latents[:, -1]
     with torch.no_grad():
-        return family.decode(backbone, traj.latents[:, -1])
+        return family.decode(backbone, final)
 
 
 def contact_sheet(videos: torch.Tensor, labels: list[str], path: str, columns: int = 8, height: int = 128) -> None:
@@ -219,7 +255,8 @@ def main(args: argparse.Namespace) -> list[str]:
     paths, videos = [], []
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
-        clips = generate(family, backbone, model, cache, negative, chunk, settings, args.sde, eta, accelerator)
+        clips = generate(family, backbone, model, cache, negative, chunk, settings, args.sde, eta, accelerator,
+                         args.ode_solver, args.ode_steps)
         chunk_paths = [os.path.join(args.output_dir, f"{k:04d}_{slug(p)}") for p, _, k in chunk]
         if writes:
             logs.save_videos(clips, chunk_paths, settings["fps"])

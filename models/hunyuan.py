@@ -153,6 +153,7 @@ class Backbone:
     crop_start: int         # number of chat-template tokens before the user's prompt
     max_length: int         # Qwen tokens kept after the crop
     max_length_2: int       # ByT5 tokens
+    scheduler: dict | None = None  # the folder's scheduler config (tiny: FlowMatchEuler at its shift), for sample.py
 
 
 def load_backbone(name: str, pretrained: str | None = None, device="cpu", dtype=torch.float32,
@@ -183,6 +184,7 @@ def _load_hunyuan15(pretrained: str, dtype: torch.dtype) -> Backbone:
     # The exact system prompt the model was trained with, read from the pipeline so the two cannot drift.
     system_message = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters[
         "system_message"].default
+    scheduler = dict(FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler"))
     return Backbone(
         name="hunyuan15",
         transformer=HunyuanVideo15Transformer3DModel.from_pretrained(root, subfolder="transformer", dtype=dtype),
@@ -191,7 +193,7 @@ def _load_hunyuan15(pretrained: str, dtype: torch.dtype) -> Backbone:
         tokenizer=tokenizer,
         text_encoder_2=T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype),
         tokenizer_2=ByT5Tokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-        shift=float(FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")["shift"]),
+        shift=float(scheduler["shift"]), scheduler=scheduler,
         spatial_factor=vae.config.spatial_compression_ratio, temporal_factor=vae.config.temporal_compression_ratio,
         latent_channels=vae.config.latent_channels, system_message=system_message,
         crop_start=HUNYUAN_CROP_START, max_length=HUNYUAN_MAX_LENGTH, max_length_2=HUNYUAN_MAX_LENGTH_2)
@@ -221,6 +223,7 @@ def _build_tiny(seed: int, dtype: torch.dtype, transformer_config: dict = TINY_T
     return Backbone(
         name=name, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, shift=3.0, spatial_factor=4, temporal_factor=2,
+        scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
         latent_channels=vae_config["latent_channels"], system_message=TINY_SYSTEM_MESSAGE,
         crop_start=_system_prefix_length(tokenizer, TINY_SYSTEM_MESSAGE), max_length=32, max_length_2=16)
 
@@ -580,6 +583,14 @@ def use_valid_token_attention(transformer, enable: bool = True) -> None:
 
 
 @torch.no_grad()
+def pipeline_scheduler(backbone: Backbone, num_steps: int):
+    """The scheduler as HunyuanVideo15Pipeline sets it for `num_steps`: the folder's FlowMatchEuler on the sigmas
+    linspace(1, 0, K + 1)[:-1] it passes, shifted: the training grid (sde.sigma_schedule) itself."""
+    scheduler = backbones.scheduler_from_config(backbone.scheduler)
+    scheduler.set_timesteps(sigmas=torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)[:-1].numpy())
+    return scheduler
+
+
 def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
     """Latents (N, C, F', H', W') -> frames (N, F, 3, H, W) float32 in [0, 1], one sample at a time
     (the VAE's mid-block attention breaks for batch > 1, diffusers PR #13133). For long 480p+ clips,

@@ -94,6 +94,11 @@ TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_h
                         out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 TINY_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+# scheduler/scheduler_config.json of the Wan2.1 T2V hub folders (flow_shift 3 at 480p; the rest are UniPC's defaults):
+# what WanPipeline samples with out of the box, and so what sample.py --ode_solver pipeline uses for tiny-wan.
+HUB_SCHEDULER = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                 "flow_shift": 3.0, "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+                 "final_sigmas_type": "zero", "num_train_timesteps": 1000}
 BUILT_IN_CONFIGS = {"tiny-wan": TINY_TRANSFORMER}
 
 
@@ -106,6 +111,7 @@ class Backbone:
     tokenizer: object        # umt5-xxl's T5 tokenizer (real) or ByT5Tokenizer (tiny)
     shift: float             # SD3 time shift of the scheduler config (3.0 for T2V 480p)
     max_length: int          # text tokens per prompt (512)
+    scheduler: dict | None = None  # the folder's scheduler config (tiny-wan: the hub's UniPC), for sample.py
 
 
 def load_backbone(name: str, pretrained: str | None = None, device="cpu", dtype=torch.float32,
@@ -135,7 +141,7 @@ def _load(name: str, root: str, dtype: torch.dtype) -> Backbone:
         vae=AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32),
         text_encoder=UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype),
         tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
-        shift=float(scheduler.get("flow_shift", scheduler.get("shift"))),
+        shift=float(scheduler.get("flow_shift", scheduler.get("shift"))), scheduler=dict(scheduler),
         max_length=MAX_LENGTH)
 
 
@@ -153,7 +159,15 @@ def _build_tiny(seed: int, dtype: torch.dtype) -> Backbone:
         backbones.keep_in_fp32(transformer, dtype)   # Deviation 5, as from_pretrained(dtype=) would
         text_encoder.to(dtype)
     return Backbone(name="tiny-wan", transformer=transformer, vae=vae, text_encoder=text_encoder,
-                    tokenizer=tokenizer, shift=3.0, max_length=MAX_LENGTH)
+                    tokenizer=tokenizer, shift=3.0, max_length=MAX_LENGTH, scheduler=HUB_SCHEDULER)
+
+
+def pipeline_scheduler(backbone: Backbone, num_steps: int):
+    """The scheduler as WanPipeline sets it for `num_steps`: the folder's (UniPC in the hub folders) with
+    set_timesteps(K), its own grid, which is not the training grid (README, "Which grid")."""
+    scheduler = backbones.scheduler_from_config(backbone.scheduler)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
 
 
 def latent_shape(backbone, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:

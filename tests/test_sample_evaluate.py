@@ -101,6 +101,10 @@ def test_evaluate_rows_are_paired_and_a_zero_adapter_ties_the_base(run, tmp_path
     (evaluate, ["--backbone", "tiny-wan", "--runs", "RUN"], "trained on --backbone tiny, not tiny-wan"),
     (evaluate, ["--backbone", "tiny", "--runs", "RUN", "--prompts", "/no/such/file.txt"], "does not exist"),
     (evaluate, ["--backbone", "tiny", "--runs", "RUN", "--reward", "clip"], "unknown --reward 'clip'"),
+    (sample, ["--backbone", "tiny", "--prompt", "x", "--sde", "sage", "--ode_solver", "unipc"], "use --sde ode"),
+    (sample, ["--backbone", "tiny", "--prompt", "x", "--ode_solver", "pipeline", "--ode_steps", "2"], "drop --ode_steps"),
+    (sample, ["--backbone", "tiny", "--prompt", "x", "--ode_steps", "9"], r"--ode_steps 9: model calls in 1\.\.4"),
+    (evaluate, ["--backbone", "tiny", "--runs", "RUN", "--ode_steps", "0"], r"--ode_steps 0: model calls in 1\.\.4"),
 ])
 def test_bad_input_fails_before_any_model_loads(run, tmp_path, monkeypatch, capsys, script, args, message):
     monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 
 import grpo
 import sde
@@ -121,6 +121,23 @@ def test_ode_rollout_with_cfg_equals_wan_pipeline_latents_and_frames(backbone, c
     # CFG matters here: without the negative prompt the result differs.
     plain = backbones.sample(wan, backbone.transformer, embeds, None, x_T, gens, sigmas, "ode", 0.0, g, 2)
     assert (plain.latents[:, -1] - latents).abs().max() > 1e-3
+
+
+def test_the_pipeline_sampler_equals_wan_pipeline_out_of_the_box(backbone, cache):
+    """sample.py --ode_solver pipeline: WanPipeline with the scheduler the hub folders ship (UniPC, its own
+    set_timesteps(K) grid), not the training grid, on which Euler gives visibly other videos."""
+    K, g = 3, 5.0
+    pipe = WanPipeline(tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder, vae=backbone.vae,
+                       transformer=backbone.transformer, scheduler=UniPCMultistepScheduler.from_config(wan.HUB_SCHEDULER))
+    x_T = torch.randn((1, *wan.latent_shape(backbone, 5, 32, 32)), generator=torch.Generator().manual_seed(0))
+    embeds, negative = cache(PROMPTS[:1]), cache.negative(1)
+    latents = pipe(prompt_embeds=embeds.embeds, negative_prompt_embeds=negative.embeds, latents=x_T.clone(),
+                   num_frames=5, height=32, width=32, num_inference_steps=K, guidance_scale=g, output_type="latent").frames
+    ours = backbones.pipeline_sample(wan, backbone, backbone.transformer, embeds, negative, x_T, g, K, micro_batch=1)
+    torch.testing.assert_close(ours, latents, atol=1e-5, rtol=0)
+    euler = backbones.sample(wan, backbone.transformer, embeds, negative, x_T, [torch.Generator()],
+                             sde.sigma_schedule(K, backbone.shift), "ode", 0.0, g, 1).latents[:, -1]
+    assert (euler - latents).abs().max() > 1e-2  # the training grid's Euler is another sampler
 
 
 def test_batched_cfg_equals_two_pipeline_style_calls(backbone, cache):
