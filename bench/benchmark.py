@@ -116,6 +116,10 @@ def parse_args():
     p.add_argument("--shared_prefix", action="store_true",
                    help="with --windows: also time each window with the group-shared ODE prefix (train.py "
                         "--shared_prefix)")
+    p.add_argument("--ode_solver", default="euler", choices=sde.ODE_SOLVERS,
+                   help="with --windows and --ode_steps: also time each window with this solver outside it")
+    p.add_argument("--ode_steps", type=int, default=None,
+                   help="with --windows: model calls of the solver for the steps outside each window (train.py's)")
     p.add_argument("--window_rounds", type=int, default=3, help="interleaved rounds of the window comparison")
     p.add_argument("--micro_batch_size", type=int, default=None,
                    help="micro-batch of the window comparison (default: the backbone preset's, or G)")
@@ -158,6 +162,9 @@ def check_args(args) -> tuple[list[str], list[int]]:
         fail(f"--windows {args.windows!r}: each width must be in 1..--num_steps ({args.num_steps})")
     if args.shared_prefix and not widths:
         fail("--shared_prefix needs --windows (it times the windows with a group-shared ODE prefix)")
+    if args.ode_steps is not None and not (widths and all(1 <= args.ode_steps <= args.num_steps - w for w in widths)):
+        fail(f"--ode_steps {args.ode_steps}: needs --windows, and 1 <= M <= K - W for every width (one run of "
+             f"deterministic steps before each window)")
     mb = args.micro_batch_size
     if mb is not None and not (mb >= 1 and args.group_size % mb == 0):
         fail(f"--micro_batch_size {mb}: must divide --group_size {args.group_size}")
@@ -358,12 +365,17 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
     G = x_T.shape[0]
     mb = args.micro_batch_size or preset["micro_batch_size"] or G
     stochastic = sde.step_variances(sigmas, KIND, ETA) > 0   # (K,)
-    setups = {"full": (stochastic, False)}
+    setups = {"full": (stochastic, False, None)}
+    solver = f" {args.ode_solver} M={args.ode_steps}"
     for W in widths:   # train.py's window (a fixed --sde_window_start), at the last start (Choices 6)
         window = sde.window_mask(stochastic, int(stochastic.sum()) - W, W)   # (K,) bool
-        setups[f"window {W}"] = (window, False)
+        setups[f"window {W}"] = (window, False, None)
+        if args.ode_steps is not None:   # the K - W steps before the window by the solver in M calls
+            setups[f"window {W}" + solver] = (window, False, args.ode_steps)
         if args.shared_prefix:
-            setups[f"window {W} shared prefix"] = (window, True)
+            setups[f"window {W} shared prefix"] = (window, True, None)
+            if args.ode_steps is not None:
+                setups[f"window {W} shared" + solver] = (window, True, args.ode_steps)
     if preset["gradient_checkpointing"]:   # as train.py with the preset
         family.enable_gradient_checkpointing(model)
     else:
@@ -376,14 +388,14 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
     micro = [slice(i, i + mb) for i in range(0, G, mb)]
     velocity_for = lambda rows: backbones.velocity_fn(family, model, cond[rows], negative, preset["guidance"])
 
-    def iteration(window, shared) -> dict:
+    def iteration(window, shared, ode_steps) -> dict:
         timer.reset()
         gens = [torch.Generator(device).manual_seed(i) for i in range(G)]
         x = x_T[::G].repeat_interleave(G, dim=0) if shared else x_T   # a group shares x_T, as in train.py
         model.eval()
         with timer("rollout"):
             traj = backbones.sample(family, model, cond, negative, x, gens, sigmas, KIND, ETA, preset["guidance"], mb,
-                                    window, G if shared else 0)
+                                    window, G if shared else 0, args.ode_solver, ode_steps)
         steps = grpo.select_timesteps(G, window, 1.0, torch.Generator().manual_seed(0)).to(device)   # (G, W)
         S = sde.equalizer_weights(sigmas, KIND, ETA, window).to(device)   # (K,)
         with timer("anchor"):
@@ -407,8 +419,8 @@ def compare_windows(args, widths, family, model, params, preset, cond, negative,
     iteration(*setups[f"window {min(widths)}" + (" shared prefix" if args.shared_prefix else "")])   # warm-up (Choices 6)
     rounds = {label: [] for label in setups}
     for _ in range(args.window_rounds):
-        for label, (window, shared) in setups.items():
-            rounds[label].append(iteration(window, shared))
+        for label, setup in setups.items():
+            rounds[label].append(iteration(*setup))
     timer.paused = True   # its hooks stay on the model; nothing later is counted
     phases = ("rollout", "anchor", "train")
     out = {}

@@ -17,7 +17,8 @@ def test_window_comparison_rows_follow_the_formula(capsys):
     model, latent, cond1, negative = family.random_policy("tiny", torch.device("cpu"), torch.float32, 5, 32, 32, 8)
     params = family.add_lora(model, rank=4, alpha=4)
     x_T = torch.randn(G, *latent, generator=torch.Generator().manual_seed(0))
-    args = SimpleNamespace(micro_batch_size=None, shared_prefix=True, window_rounds=1)
+    M = 2   # the K - W steps before each window in 2 UniPC calls
+    args = SimpleNamespace(micro_batch_size=None, shared_prefix=True, window_rounds=1, ode_solver="unipc", ode_steps=M)
     out = benchmark.compare_windows(args, widths, family, model, params, preset, cond1.repeat_interleave(G), negative,
                                     x_T, sde.sigma_schedule(K, 3.0), torch.device("cpu"))
     cfg = 2   # every forward row is doubled by the negative prompt
@@ -28,6 +29,10 @@ def test_window_comparison_rows_follow_the_formula(capsys):
         assert out[f"window {W}"]["backwards"] == W
         # the shared prefix (the window at the last start) runs its K - W ODE steps once per group
         assert out[f"window {W} shared prefix"]["rows"]["rollout"] == cfg * ((K - W) * G // G + W * G)
+        # the solver: M calls instead of K - W before the window, per sample, or per group with the shared prefix
+        assert out[f"window {W} unipc M={M}"]["rows"] == {"rollout": cfg * (M + W) * G, "anchor": cfg * W * G,
+                                                         "train": cfg * W * G}
+        assert out[f"window {W} shared unipc M={M}"]["rows"]["rollout"] == cfg * (M + W * G)
     printed = capsys.readouterr().out   # one ratio line per window setup, measured side by side
     assert all(f"{label} / full: " in printed for label in out if label != "full")
 
@@ -35,7 +40,8 @@ def test_window_comparison_rows_follow_the_formula(capsys):
 @pytest.mark.parametrize("argv, option", [
     (["--windows", "0"], "--windows"), (["--windows", "2,x"], "--windows"), (["--shared_prefix"], "--shared_prefix"),
     (["--train_variants", "3:ckpt"], "--train_variants"), (["--modes", "lora,half"], "--modes"),
-    (["--micro_batch_size", "3"], "--micro_batch_size"),
+    (["--micro_batch_size", "3"], "--micro_batch_size"), (["--ode_steps", "2"], "--ode_steps"),
+    (["--num_steps", "4", "--windows", "2", "--ode_steps", "3"], "--ode_steps"),
 ])
 def test_bad_options_are_refused_before_any_model(monkeypatch, argv, option):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", *argv])

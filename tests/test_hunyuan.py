@@ -11,9 +11,11 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
 
-from models import hunyuan
+import sde
+from models import backbones, hunyuan
 
 PROMPTS = ["a red ball rolls on grass", 'a sign that says "OPEN", then “24h”, then "OPEN" again']
 
@@ -223,6 +225,37 @@ def test_valid_token_attention_under_autocast_agrees_with_diffusers_to_bf16_roun
             v_ref = hunyuan.velocity(backbone.transformer, x, 0.5, cond, uncond, 5.0)
     assert v.dtype == torch.float32
     assert (v - v_ref).abs().max() < 0.05 * v_ref.abs().max()
+
+
+def test_both_samplers_equal_hunyuan_pipeline_end_to_end(backbone, cache):
+    """backbones.sample (the training grid's Euler, sample.py's default) and backbones.pipeline_sample (sample.py
+    --ode_solver pipeline) against diffusers' own HunyuanVideo15Pipeline, its text encoding and scheduler included:
+    its grid is the training grid, so the two samplers agree with it and with each other."""
+    b, K, g = backbone, 4, 6.0
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=b.text_encoder, tokenizer=b.tokenizer, transformer=b.transformer, vae=b.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=b.shift), text_encoder_2=b.text_encoder_2,
+        tokenizer_2=b.tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=g))
+    pipe.set_progress_bar_config(disable=True)
+    # The pipeline's __init__ hard-codes the 8.3B model's template (its system prompt, crop 108, 1000 / 256 tokens)
+    # whatever tokenizer it gets; the tiny backbone has its own (Deviation 6).
+    pipe.system_message, pipe.prompt_template_encode_start_idx = b.system_message, b.crop_start
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = b.max_length, b.max_length_2
+    prompts = ["a red ball", 'say "hi"']   # short enough for the tiny 32 tokens; the second one runs ByT5
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x_T = torch.stack([torch.randn(hunyuan.latent_shape(b, 5, 32, 32), generator=gen) for gen in gens])
+    ours = backbones.sample(hunyuan, b.transformer, cache(prompts), cache.negative(1), x_T, gens,
+                            sde.sigma_schedule(K, b.shift), "ode", 0.0, g, 2).latents[:, -1]
+    as_pipeline = backbones.pipeline_sample(hunyuan, b, b.transformer, cache(prompts), cache.negative(1), x_T, g, K, 2)
+    hunyuan.use_valid_token_attention(b.transformer, False)  # the pipeline with diffusers' own processor
+    try:
+        theirs = pipe(prompt=prompts, num_frames=5, height=32, width=32, num_inference_steps=K, latents=x_T.clone(),
+                      output_type="latent").frames
+    finally:
+        hunyuan.use_valid_token_attention(b.transformer, True)
+    assert (ours - x_T).abs().max() > 1.0  # the ODE moved the latents
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(as_pipeline, theirs, rtol=0, atol=1e-5)
 
 
 def test_velocity_with_per_sample_sigma_equals_per_sample_calls(backbone, cache):
