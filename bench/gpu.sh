@@ -13,7 +13,8 @@
 #                   checkpointed on a >= 120 GiB GPU, else 20)
 #   hunyuan_masked  as hunyuan with diffusers' masked attention processor (rollout and training MFU)
 #   windows         Wan2.1-1.3B at 33x320x576, LoRA, K=20, G=2: iteration model time with all steps
-#                   stochastic vs SDE windows of 2 and 4, with and without the shared prefix, one round
+#                   stochastic vs SDE windows of 2 and 4, with and without the shared prefix, and each window
+#                   with the 16-18 steps before it in 6 UniPC calls (--ode_solver unipc --ode_steps 6), one round
 # Targets (issue 15): training forward + backward >= 45 % MFU without checkpointing, >= 35 % with the H100
 # preset (20 blocks); rollout >= 45 %.
 #
@@ -99,6 +100,7 @@ if [[ -n "${BENCH_CPU:-}" ]]; then
     WAN="--model tiny-wan --frames 5 --height 32 --width 32 --num_steps 4 --group_size 2 --train_timesteps 1"
     WIN="--model tiny-wan --frames 5 --height 32 --width 32 --num_steps 8 --group_size 2"
     COMPILE_VARIANT=1:nockpt
+    ODE_STEPS=2
 else
     HY="--model hunyuan15 --frames 33 --height 320 --width 576 --num_steps 16 --group_size 4 --train_timesteps 1"
     HY_VARIANTS=1:ckpt,1:ckpt20,1:nockpt
@@ -106,6 +108,7 @@ else
     WIN="--model wan21-1.3b --frames 33 --height 320 --width 576 --num_steps 20 --group_size 2"
     # 91 GiB measured without checkpointing at this size (H200, 2026-11-26): an 80 GB card takes 20 blocks
     COMPILE_VARIANT=$([[ $GIB -ge 120 ]] && echo 1:nockpt || echo 1:ckpt20)
+    ODE_STEPS=6
 fi
 
 section() {   # name, timeout in seconds, benchmark.py arguments
@@ -133,7 +136,7 @@ for s in "${SECTIONS[@]}"; do
                                 --train_variants $HY_VARIANTS --optimizer_rounds 0 ;;
         windows)        section windows 150 $WIN --attention diffusers:native --attention_rounds 1 \
                                 --train_variants 1:ckpt --optimizer_rounds 0 --windows 2,4 --shared_prefix \
-                                --window_rounds 1 ;;
+                                --ode_solver unipc --ode_steps $ODE_STEPS --window_rounds 1 ;;
         *) echo "unknown section $s (hunyuan, wan, compile, hunyuan_masked, windows)"; exit 2 ;;
     esac
 done
