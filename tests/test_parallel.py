@@ -135,11 +135,80 @@ def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU):
                            device=torch.device(device))
 
 
+def fsdp_worker(rank, world, port, name, answers):
+    """One of `world` gloo processes: FSDP2 as accelerate's plugin applies it (fully_shard of every block, then the
+    root, over the whole world), diffusers' Ulysses over the same processes, one CFG velocity loss scaled by C; puts
+    the largest gradient difference to one process computing the whole batch."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from models import backbones
+    from training import parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        family = backbones.module(name)
+        torch.manual_seed(0)
+        reference, latent, cond, uncond = family.random_policy(name, "cpu", torch.float32, 5, 32, 32, 5)
+        model = copy.deepcopy(reference)
+        g = torch.Generator().manual_seed(1)
+        x, target = torch.randn(2, *latent, generator=g), torch.randn(2, *latent, generator=g)
+        loss = lambda m: ((family.velocity(m, x, 0.7, cond.repeat_interleave(2), uncond.repeat_interleave(2), 4.5)  # noqa: E731
+                           - target) ** 2).mean()
+        loss(reference).backward()  # one process, the whole batch and every token
+        for block in model.modules():
+            if type(block).__name__ == family.BLOCK_CLASS:
+                fully_shard(block)
+        fully_shard(model)
+        parallel.enable(model, world, 1, world, torch.device("cpu"), family.CP_PLAN)
+        (loss(model) * parallel.loss_scale(parallel.layout(rank, world, world, 1))).backward()
+        diff = max((p.grad.full_tensor() - r.grad).abs().max().item()
+                   for p, r in zip(model.parameters(), reference.parameters()) if r.grad is not None)
+        scale = max(r.grad.abs().max().item() for r in reference.parameters() if r.grad is not None)
+        if rank == 0:
+            answers.put((diff, scale))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny"])
+def test_fsdp2_over_the_context_group_gives_the_one_process_gradients(name):
+    """Full fine-tuning under FSDP2 with context parallelism (parallel.py Deviations 4): FSDP2 shards over all
+    processes and averages over them, the context group's partial sums are scaled by C. accelerate does not run
+    FSDP on CPU, so the two processes apply fully_shard as its FSDP2 plugin does; forked from this warm process."""
+    import torch.multiprocessing as mp
+
+    from models import backbones
+
+    backbones.module(name).random_policy(name, "cpu", torch.float32, 5, 32, 32, 5)  # imports done once, here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    answers = ctx.Queue()
+    workers = [ctx.Process(target=fsdp_worker, args=(r, 2, port, name, answers)) for r in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        diff, scale = answers.get(timeout=120)
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert scale > 1e-3 and diff < 1e-5 * scale, (diff, scale)  # without the scale C they would be half
+
+
 @pytest.mark.parametrize("argv, processes, kind, message", [
     (["--ulysses_degree", "2"], 3, DistributedType.MULTI_CPU, "--ulysses_degree 2 x --ring_degree 1 = 2 must divide "
                                                              "the number of processes (3)"),
     (["--ring_degree", "2"], 2, DistributedType.MULTI_CPU, "--ring_degree 2: ring attention needs a GPU"),
-    (["--ulysses_degree", "2", "--full"], 2, DistributedType.FSDP, "with FSDP or DeepSpeed is not supported"),
+    (["--ulysses_degree", "2", "--full"], 2, DistributedType.DEEPSPEED, "with DeepSpeed is not supported"),
 ])
 def test_a_split_the_launch_cannot_run_is_refused_before_any_model(argv, processes, kind, message):
     cfg = options.resolve(options.parse_args(["--backbone", "tiny-wan", *argv]))
@@ -158,6 +227,11 @@ def test_a_split_the_launch_cannot_run_is_refused_before_any_model(argv, process
 def test_a_split_the_model_cannot_take_is_a_usage_error(argv, message):
     with pytest.raises(options.ConfigError, match=message):
         options.resolve(options.parse_args(argv))
+
+
+def test_full_fine_tuning_under_fsdp_with_context_parallelism_is_accepted():
+    cfg = options.resolve(options.parse_args(["--backbone", "tiny-wan", "--ulysses_degree", "2", "--full"]))
+    options.check_launch(cfg, launch_config(2, kind=DistributedType.FSDP))  # Deviations 4: no refusal
 
 
 def test_context_parallel_options_are_part_of_the_run_identity():

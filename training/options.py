@@ -457,9 +457,10 @@ def check_launch(cfg: Config, accelerator) -> None:
                                       accelerator.device.type)
     if problem:
         raise ConfigError(problem)
-    if cp_size > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError("--ulysses_degree / --ring_degree with FSDP or DeepSpeed is not supported "
-                          "(training/parallel.py Deviations 4): launch with DDP (configs/multi_gpu_lora.yaml)")
+    if cp_size > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("--ulysses_degree / --ring_degree with DeepSpeed is not supported (training/parallel.py "
+                          "Deviations 4): launch full fine-tuning with FSDP2 (configs/fsdp2_full.yaml), LoRA with DDP "
+                          "(configs/multi_gpu_lora.yaml)")
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)  # [dist]
     try:  # a run that cannot fit this device, refused now rather than as an out-of-memory error an hour in
         backbones.check_memory(

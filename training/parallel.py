@@ -29,8 +29,15 @@ Deviations / choices
 3. The reward is computed once per group: each process scores every C-th video of the group's batch and the
    group exchanges the scores (`share_scores`), so a judge runs on N / C videos per process. Decoding runs on
    every process of a group (the VAE is not split).
-4. Under FSDP or DeepSpeed context parallelism is refused (the shards would need a (dp, context) mesh that
-   accelerate does not build for them here): use DDP, with LoRA or `--full`.
+4. Full fine-tuning with FSDP2 (configs/fsdp2_full.yaml) shards every weight over all D x C processes, the
+   context dimension included: accelerate's FSDP2 plugin builds no mesh of its own (fully_shard over the whole
+   world), which is also the smallest per-GPU memory. Its reduce-scatter averages the gradients over all D x C
+   processes while each process of a group holds a partial sum (its tokens' share), so the loss is scaled by C
+   (`loss_scale`), as under DDP: the result is the mean over data-parallel ranks of the group sums, the one-process
+   gradient (tests/test_parallel.py, to 1e-7; without the scale exactly half). Sharding over the data dimension
+   only would keep C copies of every shard and need a hand-written all-reduce over the group. diffusers' own mesh
+   (ring, ulysses) is built by `enable` next to FSDP's: the two need no common mesh object. DeepSpeed is refused
+   with context parallelism (its ZeRO partitions and reductions are not tested under it).
 5. Validation: the validation prompts are split over the data-parallel ranks; a group samples its prompts
    together and only its context rank 0 writes the videos.
 6. Ring attention (`--ring_degree`) merges the partial attentions of the ring by their log-sum-exp, which
