@@ -17,7 +17,8 @@ Scorers
   a sigmoid (SPEC §6 choice). Implemented in videoalign.py, imported lazily (it needs transformers).
 - `vlm`: a frozen Qwen2.5-VL asked three questions about the video ([SPG]'s judge, our own prompts);
   each score is the expected answer on a 0..9 scale read from the next-token distribution, mapped to
-  [0, 1]. Implemented in vlm_judge.py, imported lazily.
+  [0, 1]. Implemented in vlm_judge.py, imported lazily; through a vLLM / SGLang server in openai_judge.py
+  (Deviations 6).
 - `proxy`: three cheap, deterministic, weight-free scores that are real learning signals on CPU:
     visual   = clamp(2 std(luma), 0, 1)                     frame contrast (a flat grey clip scores 0)
     temporal = exp(-mean |frame_{f+1} - frame_f| / 0.1)      1 for a still clip, falls with flicker
@@ -35,13 +36,18 @@ Deviations / choices
 5. Every scorer sees 8-bit frames: `score_batched` rounds the decoded video to the 256 levels a video file
    holds before scoring. VideoAlign and the judge read 8-bit frames anyway (videoalign.py); for the proxies it
    makes an in-process score equal the one reward_server.py gives for the same video, which travels as uint8.
-6. `--reward_url URL` (any scorer): the scorer is reward_server.py's at that URL (reward_models/remote.py),
-   checked at start-up to serve the same `--reward` and rubric.
+6. `--reward_url URL`: the scorer lives on a server, in one of two kinds that `remote_is_judge_chat` tells apart by
+   the URL. A URL whose path ends in /v1 is an OpenAI-compatible server (vLLM, SGLang) holding the `vlm` judge's
+   model: the judge's questions are asked over the chat-completions API and read from the first token's top
+   log-probs (reward_models/openai_judge.py), `--reward_model` naming the served model. Any other URL is
+   reward_server.py's, serving any scorer (reward_models/remote.py). `check_reward_url` checks either at start-up:
+   the served model, or the same `--reward` and rubric.
 
-Run: `python -m pytest tests/test_rewards.py -q`.
+Run: `python -m pytest tests/test_rewards.py tests/test_openai_judge.py -q`.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -160,16 +166,47 @@ def check_reward(name: str, model=None, prompt_template_file=None) -> None:
         vlm_judge.check_judge(model or DEFAULT_MODELS["vlm"], prompt_template_file)
 
 
+def remote_is_judge_chat(name: str, url: str) -> bool:
+    """Whether --reward_url is an OpenAI-compatible server (its path ends in /v1) rather than reward_server.py
+    (Deviations 6); such a server holds a chat model, so only the `vlm` judge can be asked there."""
+    from reward_models import openai_judge
+
+    if not openai_judge.is_openai_url(url):
+        return False
+    if name != "vlm":
+        raise ValueError(f"--reward_url {url} is an OpenAI-compatible server (a path ending in /v1), which can only "
+                         f"hold the --reward vlm judge, not {name!r}: serve {name} with reward_server.py instead")
+    return True
+
+
+def check_reward_url(name: str, url: str, model=None, prompt_template_file=None, timeout: float = 5.0) -> None:
+    """The start-up check of --reward_url (seconds, before any model loads): an OpenAI-compatible server must list
+    the judge's model (`model`, default DEFAULT_MODELS["vlm"]), reward_server.py must serve `name` with the same
+    rubric. Raises ValueError or reward_models.remote.RewardServerError (a RuntimeError), naming the URL."""
+    from reward_models import openai_judge, remote
+
+    if remote_is_judge_chat(name, url):
+        openai_judge.check_server(url, model or DEFAULT_MODELS["vlm"], prompt_template_file, timeout=timeout)
+        return
+    rubric = None
+    if prompt_template_file:
+        with open(prompt_template_file, "rb") as f:
+            rubric = hashlib.sha256(f.read()).hexdigest()
+    remote.check_server(url, name, rubric, timeout=timeout)
+
+
 def build_reward(name: str, path=None, prompt_template_file=None, device="cpu", dtype=torch.float32,
                  batch_size: int = 2, device_map=None, url: str | None = None, timeout: float = 300.0):
     """The scorer called `name` (REWARDS). `path` is the model folder or hub id (DEFAULT_MODELS when None);
     path="tiny" builds the random tiny twin of `videoalign` or `vlm` on the same prompt / patchify / read-out
     code, so `train.py --backbone tiny --reward <name> --reward_model tiny` runs that path on CPU.
     device_map="auto" (vlm only) spreads a large judge over the visible GPUs instead of `device`. With `url`, the
-    scorer is reward_server.py's at that URL (Deviations 6; nothing is loaded here)."""
+    scorer is the server's at that URL (Deviations 6; nothing is loaded here)."""
     if url is not None:
-        from reward_models import remote
+        from reward_models import openai_judge, remote
 
+        if remote_is_judge_chat(name, url):
+            return openai_judge.OpenAIJudge(url, path or DEFAULT_MODELS["vlm"], prompt_template_file, timeout=timeout)
         return remote.RemoteScorer(url, timeout)
     check_reward(name, path, prompt_template_file)
     if device_map is not None and name != "vlm":
