@@ -40,7 +40,6 @@ Test: `python -m pytest tests/test_options.py -q`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import math
 import os
@@ -138,11 +137,12 @@ class Config:
         "help": "'videoalign' (default of the real backbones), 'vlm' (a Qwen2.5-VL judge, [SPG]) or 'proxy' (CPU ones)"})
     reward_model: Optional[str] = field(default=None, metadata={
         "help": "VideoReward or Qwen2.5-VL folder or hub id (defaults: KwaiVGI/VideoReward, Qwen/Qwen2.5-VL-7B-Instruct); "
-                "'tiny' = a random tiny model"})
+                "'tiny' = a random tiny model; with a /v1 --reward_url, the served model's name"})
     reward_prompt_template: Optional[str] = field(default=None, metadata={"help": "VideoAlign rubric text file"})
     reward_batch_size: int = field(default=2, metadata={"help": "videos per reward-model call"})
     reward_url: Optional[str] = field(default=None, metadata={
-        "help": "score through reward_server.py at this URL (http://host:port) instead of loading the scorer here"})
+        "help": "score through reward_server.py at this URL (http://host:port), or ask the vlm judge of an "
+                "OpenAI-compatible server (http://host:port/v1: vLLM, SGLang; docs/judge_server.md)"})
     reward_timeout: float = field(default=300.0, metadata={
         "help": "seconds a reward request retries an unreachable server before the run stops (then resume)"})
     reward_device_map: Optional[str] = field(default=None, metadata={
@@ -361,18 +361,14 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder (or pass 'latest')")
     if not 0 < cfg.reward_timeout <= 7 * 24 * 3600:
         raise ConfigError(f"--reward_timeout {cfg.reward_timeout}: must be a number of seconds in (0, 604800]")
-    if cfg.reward_url is not None:  # the server holds the scorer: it must be up and serve this reward and rubric
+    if cfg.reward_url is not None:  # the server holds the scorer: it must be up and serve this reward (and rubric)
         if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", cfg.reward_url):
-            raise ConfigError(f"--reward_url {cfg.reward_url!r}: an http://host:port address of reward_server.py")
-        from reward_models import remote
-
-        rubric = None
-        if cfg.reward_prompt_template:
-            with open(cfg.reward_prompt_template, "rb") as f:
-                rubric = hashlib.sha256(f.read()).hexdigest()
+            raise ConfigError(f"--reward_url {cfg.reward_url!r}: an http://host:port address of reward_server.py, or "
+                              f"http://host:port/v1 of an OpenAI-compatible judge server (vLLM, SGLang)")
         try:  # seconds, not --reward_timeout: a server that is not there at start-up is a usage error
-            remote.check_server(cfg.reward_url, cfg.reward, rubric, timeout=min(cfg.reward_timeout, 5.0))
-        except remote.RewardServerError as err:
+            rewards.check_reward_url(cfg.reward, cfg.reward_url, cfg.reward_model, cfg.reward_prompt_template,
+                                     timeout=min(cfg.reward_timeout, 5.0))
+        except (ValueError, RuntimeError) as err:  # reward_models.remote.RewardServerError is a RuntimeError
             raise ConfigError(str(err)) from None
         return cfg
     try:  # the reward's files, and for a judge its config and tokenizer (no weights are read)
