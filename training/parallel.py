@@ -34,10 +34,11 @@ Deviations / choices
    world), which is also the smallest per-GPU memory. Its reduce-scatter averages the gradients over all D x C
    processes while each process of a group holds a partial sum (its tokens' share), so the loss is scaled by C
    (`loss_scale`), as under DDP: the result is the mean over data-parallel ranks of the group sums, the one-process
-   gradient (tests/test_parallel.py: 2e-6 and 4e-6 of the largest gradient; without the scale, half). Sharding over the data dimension
-   only would keep C copies of every shard and need a hand-written all-reduce over the group. diffusers' own mesh
-   (ring, ulysses) is built by `enable` next to FSDP's: the two need no common mesh object. DeepSpeed is refused
-   with context parallelism (its ZeRO partitions and reductions are not tested under it).
+   gradient (tests/test_parallel.py: 2e-6 and 4e-6 of the largest gradient; without the scale, half). Sharding
+   over the data dimension only would keep C copies of every shard and need a hand-written all-reduce over the
+   group. diffusers' own mesh (ring, ulysses) is built by `enable` next to FSDP's: the two need no common mesh
+   object. DeepSpeed is refused with context parallelism (its ZeRO partitions and reductions are not tested
+   under it).
 5. Validation: the validation prompts are split over the data-parallel ranks; a group samples its prompts
    together and only its context rank 0 writes the videos.
 6. Ring attention (`--ring_degree`) merges the partial attentions of the ring by their log-sum-exp, which
