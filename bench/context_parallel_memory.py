@@ -5,9 +5,11 @@
 
 For HunyuanVideo-1.5 at 121 x 720 x 1280 and Wan2.1-14B at 81 x 720 x 1280, LoRA r = 32 under DDP, bf16, G = 4
 videos per group, micro-batch 1 with CFG, and U = 1, 2, 4, 8 processes per video: the floor with every block
-checkpointed and with none. A floor, not a prediction: the VAE, the reward model and allocator slack come on top
-(docs/performance.md), and full fine-tuning with a split (FSDP2 over a (data, context) mesh) is not built yet.
-Also the Ulysses all-to-all bytes per forward and process, 4 x S x D x 2 bytes x (U - 1) / U^2 per block."""
+checkpointed and with none; then full fine-tuning under FSDP2 on 8 and 64 GPUs (the trained state, 16 B per
+parameter, sharded over all of them: training/parallel.py Deviations 4), every block checkpointed. A floor, not a
+prediction: the VAE, the reward model, FSDP's gathered block weights and allocator slack come on top
+(docs/performance.md). Also the Ulysses all-to-all bytes per forward and process, 4 x S x D x 2 bytes x (U - 1) /
+U^2 per block."""
 import os
 import sys
 import tempfile
@@ -44,3 +46,15 @@ with tempfile.TemporaryDirectory() as root:
             moved = 4 * S * D * 2 * (U - 1) / U**2 * blocks * 2 / 1e9   # x 2: CFG doubles the rows of a forward
             print(f"{name:<11} {f'{frames} x 720 x 1280':<16} {S:>8,} {U:>2} {floors[0]:>17.1f} GiB {floors[1]:>8.1f} GiB "
                   f"{moved:>17.1f} GB")
+
+    print(f"\nfull fine-tuning, FSDP2 over all GPUs, every block checkpointed:\n{'backbone':<11} {'clip':<16} "
+          f"{'U':>2} {'8 GPUs: floor':>15} {'64 GPUs: floor':>16}")
+    for name, family, config, frames in SETTINGS:
+        folder = os.path.join(root, name)
+        for U in (1, 2, 4, 8):
+            floors = [backbones.estimate_memory(
+                name, folder, num_frames=frames, height=720, width=1280, num_steps=20, batch_size=4, micro_batch_size=1,
+                lora_rank=32, lora_targets="attn", full=True, guidance=6.0, dtype=torch.bfloat16,
+                gradient_checkpointing=True, checkpointed_blocks=None, shards=gpus, context_parallel=U).total / GiB
+                for gpus in (8, 64)]
+            print(f"{name:<11} {f'{frames} x 720 x 1280':<16} {U:>2} {floors[0]:>11.1f} GiB {floors[1]:>12.1f} GiB")
