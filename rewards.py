@@ -35,7 +35,9 @@ Deviations / choices
 4. Luma uses the Rec. 601 weights (0.299, 0.587, 0.114).
 5. Every scorer sees 8-bit frames: `score_batched` rounds the decoded video to the 256 levels a video file
    holds before scoring. VideoAlign and the judge read 8-bit frames anyway (videoalign.py); for the proxies it
-   makes an in-process score equal the one reward_server.py gives for the same video, which travels as uint8.
+   makes an in-process score equal the one reward_server.py gives for the same video, which travels as uint8. The
+   rounded frames go into a new tensor in C order, the layout the server's copy has, since float sums follow
+   memory order (without it the proxy's scores differed in the last bit, tests/test_reward_server.py).
 6. `--reward_url URL`: the scorer lives on a server, in one of two kinds that `remote_is_judge_chat` tells apart by
    the URL. A URL whose path ends in /v1 is an OpenAI-compatible server (vLLM, SGLang) holding the `vlm` judge's
    model: the judge's questions are asked over the chat-completions API and read from the first token's top
@@ -121,7 +123,11 @@ class ProxyReward:
 def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size: int):
     """(N, 3) component scores in COMPONENTS order and {diagnostic: (N,)}, at most `batch_size` videos a call."""
     check_videos(videos, prompts)
-    videos = (videos.clamp(0, 1) * 255).round() / 255  # Deviations 5: the 8-bit frames of a video file
+    # Deviations 5: the 8-bit frames of a video file, in C order, the layout reward_server.py's copy has (a decoded
+    # video is a view of (N, 3, F, H, W) memory, and a scorer's float sums follow the memory order). One new tensor,
+    # the rest in place: this runs on the training GPU, over every decoded video of the process.
+    quantized = torch.empty(videos.shape, dtype=videos.dtype, device=videos.device)  # (N, F, 3, H, W), C order
+    videos = torch.clamp(videos, 0, 1, out=quantized).mul_(255).round_().div_(255)
     chunks, diagnostics = [], {}
     for start in range(0, videos.shape[0], batch_size):
         out = scorer(videos[start : start + batch_size], prompts[start : start + batch_size], fps)
