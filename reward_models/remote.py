@@ -1,28 +1,45 @@
 """Scoring over HTTP: the wire format of reward_server.py and the client train.py uses with `--reward_url`.
 
-    GET  /health   {"reward": name, "model": its weights, "rubric_sha256": hash or null, "components": [...]}
+    GET  /health   {"reward": name, "model": its weights, "rubric_sha256": hash or null, "components": [...],
+                    "reward_batch_size": n, "waiting": requests queued, "scoring": videos in the scorer now,
+                    "scored_calls": scorer calls so far, "scored_videos": the videos they held}
     POST /score    {"prompts": [N strings], "fps": number, "shape": [N, F, 3, H, W], "videos": base64 of the
                     N F 3 H W uint8 values, C order}
                ->  {"scores": [[visual, temporal, semantic] x N], "diagnostics": {name: [N values]}}
 
-A video travels as 8-bit values, a quarter of float32 and what a video file holds; every scorer sees 8-bit
-frames either way (rewards.score_batched quantizes before scoring, in process too), so a score through the
-server equals the in-process one. A non-finite score travels as null and comes back as NaN, to be reported
-and handled by rewards.score_batched as any other.
+A video travels as 8-bit values in C order, a quarter of float32 and what a video file holds; every scorer sees
+8-bit frames in C order either way (rewards.score_batched quantizes into a C-ordered copy before scoring, in
+process too), so a score through the server equals the in-process one, bitwise for the proxy. A non-finite score
+travels as null and comes back as NaN, to be reported and handled by rewards.score_batched as any other.
 
 Deviations / choices
 --------------------
-1. The standard library serves and fetches (http.server's ThreadingHTTPServer, urllib): a request is one JSON
-   body and one JSON answer, scored one request at a time under a lock; no framework would change that, and
-   nothing is installed. A bounded number of requests may wait (`max_queue`); beyond it the server answers 503
-   and the client retries.
-2. The client retries connection errors and 5xx answers with exponential backoff until `timeout` seconds have
-   passed, then raises RewardServerError naming the URL (train.py ends with that one line; `--resume_from_
-   checkpoint latest` continues once the server is back). A 4xx is a bug in the request, not a passing fault:
-   raised at once.
-3. Requests from several training processes are scored one after another, each in batches of the server's
-   `--reward_batch_size`; batching requests together, and the OpenAI-compatible judge (vLLM, SGLang), are not
-   built yet.
+1. The standard library serves and fetches (http.server's ThreadingHTTPServer, urllib), batching included: a
+   request is one JSON body and one JSON answer, a thread per connection is plenty for the few dozen training
+   processes of a run, and the batching lives behind a queue (reward_server.py's Batcher) that no web framework
+   provides: FastAPI or aiohttp would add an event loop in front of the same one blocking scorer thread and the
+   same base64 and JSON decoding, which is where a request's server time goes besides the scorer. Nothing beyond
+   the project's requirements is installed on the reward machine. That decoding holds Python's lock: 1.6 s for
+   one request of two [SPG] clips (259 MB), 207 s of an iteration's 128 requests (docs/performance.md, measured);
+   a binary body (a JSON header, then the raw bytes) would leave a copy of it, and is not built.
+2. The client retries connection errors and 5xx answers (503: the queue is full) with exponential backoff until
+   `timeout` seconds have passed, then raises RewardServerError naming the URL (train.py ends with that one line;
+   `--resume_from_checkpoint latest` continues once the server is back). A 4xx is a bug in the request, not a
+   passing fault: raised at once. One attempt waits for its answer as long as the deadline allows, not a fixed
+   minute: a request queued behind other processes' videos is slow, not lost, and sending it again would queue
+   it twice (the server would still score the first copy, whose client has gone).
+3. Requests of all training processes wait in one queue, bounded by `--max_queue` (beyond it 503); one scoring
+   thread fills each scorer call with up to `--reward_batch_size` videos from as many waiting requests as fit,
+   the oldest request first, splitting a large one over calls; only videos of the same fps and frame shape share
+   a call. It does not wait for a call to fill: a call takes what waits when the previous one ends (continuous
+   batching, as vLLM does), so a lone request is scored at once and under load the calls fill by themselves.
+   Every scorer is per video, so a request's scores do not depend on what it was batched with (the proxy's
+   bitwise, tests/test_reward_server.py; VideoAlign and the judge pad with a mask, equal to rounding).
+   `/health` shows the queue (`waiting`, `scoring`) and counts the scorer calls and their videos (`scored_calls`,
+   `scored_videos`). The judge through an OpenAI-compatible server (vLLM, SGLang) is reward_models/openai_judge.py's.
+4. A scorer error fails only the requests at fault: a call that fails is retried one request at a time, then each
+   request that still fails gets 400 (a ValueError: the scorer's check of its input) or 500 (anything else,
+   with the traceback in the server's log), and the server goes on with the next call.
 """
 from __future__ import annotations
 
@@ -50,8 +67,8 @@ def encode(videos: torch.Tensor, prompts: list[str], fps: float) -> bytes:
 
 
 def decode(body: bytes) -> tuple[torch.Tensor, list[str], float]:
-    """(videos (N, F, 3, H, W) float32 in [0, 1], prompts, fps) of a POST /score body; a ValueError with a one-line
-    reason for anything else."""
+    """(videos (N, F, 3, H, W) uint8, prompts, fps) of a POST /score body; a ValueError with a one-line reason for
+    anything else. The values stay 8-bit until scored (a quarter of float32 while a request waits): / 255."""
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -78,8 +95,8 @@ def decode(body: bytes) -> tuple[torch.Tensor, list[str], float]:
     if len(raw) != math.prod(shape):
         raise ValueError(f"videos holds {len(raw)} bytes, shape {shape} needs {math.prod(shape)} (uint8, one byte "
                          f"per value)")
-    values = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*shape)
-    return values.float() / 255, prompts, float(fps)
+    values = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*shape)  # (N, F, 3, H, W)
+    return values, prompts, float(fps)
 
 
 class RemoteScorer:
@@ -96,7 +113,8 @@ class RemoteScorer:
             request = urllib.request.Request(self.url + path, data=body, method="POST" if body else "GET",
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=max(1.0, min(60.0, self.timeout))) as answer:
+                # Deviations 2: an attempt may wait until the deadline (a queued request is slow, not lost)
+                with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as answer:
                     return json.loads(answer.read())
             except urllib.error.HTTPError as err:
                 reason = err.read().decode(errors="replace").strip()[:300]

@@ -1,13 +1,19 @@
 """reward_server.py over real HTTP on 127.0.0.1 (a real server process): scores through it equal in-process scores
-of the same videos (proxy exactly, the tiny random judge to 1e-5), a run with --reward_url logs the rewards of the
-same run without it, a bad request gets a 4xx with its reason and the server goes on, and a URL with nothing
-behind it fails in seconds, naming it."""
+of the same videos (proxy exactly, the tiny random judge to 1e-5), concurrent requests are batched into fewer scorer
+calls and each still gets its own scores, a scorer error fails only the request at fault, a full queue answers 503,
+a run with --reward_url logs the rewards of the same run without it (two runs sharing one server too), a server
+killed mid-run ends the run naming it and `latest` resumes to the uninterrupted run's adapter, a bad request gets
+a 4xx with its reason and the server goes on, one attempt of the client waits until its timeout, and a URL with
+nothing behind it fails in seconds, naming it."""
 import base64
+import io
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +24,7 @@ import torch
 import rewards
 import train
 from reward_models import remote
-from training import options
+from training import checkpoint, export, logs, options
 
 # Real server processes and training runs: the slow tier. One worker runs them all (the module's proxy server).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reward_server")]
@@ -26,9 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red ball bouncing on green grass", "a blue car driving at night", "a yellow bird"]
 
 
-def start_server(*args):
-    """reward_server.py on a free port of 127.0.0.1; returns (process, url) once it listens."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "reward_server.py"), "--port", "0", *args],
+def start_server(*args, code=None):
+    """reward_server.py on a free port of 127.0.0.1 (or `code` run as `python -c`, which ends by starting it);
+    returns (process, url) once it listens."""
+    script = ["-c", code] if code else [os.path.join(ROOT, "reward_server.py")]
+    proc = subprocess.Popen([sys.executable, *script, "--port", "0", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     line = proc.stdout.readline()  # "reward_server.py: serving <reward> on http://127.0.0.1:<port>"
@@ -36,16 +44,37 @@ def start_server(*args):
     return proc, line.split()[-1]
 
 
+# The module's server: the proxy scorer, with two test doubles on demand selected by a video's prompt: "sleep S"
+# holds the scorer call for S seconds (so that the requests sent meanwhile queue up, as a slow model makes them
+# do), "raise NAME" raises that exception. Every other prompt is scored by the real proxy.
+HOOKED_PROXY = """
+import builtins, time, rewards, reward_server
+real = rewards.ProxyReward.__call__
+def call(self, videos, prompts, fps=8.0):
+    for prompt in prompts:
+        word, _, arg = prompt.partition(" ")
+        if word == "sleep":
+            time.sleep(float(arg))
+        if word == "raise":
+            raise getattr(builtins, arg)(prompt)
+    return real(self, videos, prompts, fps)
+rewards.ProxyReward.__call__ = call
+reward_server.cli()
+"""
+BATCH, MAX_QUEUE = 4, 8  # the module server's --reward_batch_size and --max_queue
+
+
 @pytest.fixture(scope="module")
 def proxy_server():
-    proc, url = start_server("--reward", "proxy")
+    proc, url = start_server("--reward", "proxy", "--reward_batch_size", str(BATCH), "--max_queue", str(MAX_QUEUE),
+                             code=HOOKED_PROXY)
     yield url
     proc.kill()
     proc.wait()
 
 
-def videos(n=3, seed=0):
-    return torch.rand(n, 4, 3, 16, 16, generator=torch.Generator().manual_seed(seed))  # (N, F, 3, H, W)
+def videos(n=3, seed=0, size=16):
+    return torch.rand(n, 4, 3, size, size, generator=torch.Generator().manual_seed(seed))  # (N, F, 3, H, W)
 
 
 def test_proxy_scores_through_the_server_equal_the_in_process_ones(proxy_server):
@@ -57,6 +86,16 @@ def test_proxy_scores_through_the_server_equal_the_in_process_ones(proxy_server)
     assert torch.equal(here, there)
     with pytest.raises(remote.RewardServerError, match="serves --reward 'proxy', not 'vlm'"):
         remote.check_server(proxy_server, "vlm", None, timeout=10)
+
+
+def test_videos_laid_out_as_decoded_score_through_the_server_bitwise_as_in_process(proxy_server):
+    """A decoded video is an (N, F, 3, H, W) view of (N, 3, F, H, W) memory (the VAE's layout), the wire sends it in
+    C order, and float sums run in memory order: without one layout for both, the proxy's semantic and visual
+    scores differed in the last bit (5.96e-8), and so did a run's adapter after 3 steps."""
+    v = torch.rand(3, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0)).transpose(1, 2)  # (N, F, 3, H, W)
+    here, _ = rewards.score_batched(rewards.ProxyReward(), v, PROMPTS, 8, 2)
+    there, _ = rewards.score_batched(remote.RemoteScorer(proxy_server, 10), v, PROMPTS, 8, 2)
+    assert torch.equal(here, there)
 
 
 def test_the_tiny_judge_through_the_server_equals_the_in_process_judge():
@@ -104,7 +143,7 @@ BAD = [  # (body, status, reason)
 ]
 
 
-@pytest.mark.parametrize("body, status, reason", BAD)
+@pytest.mark.parametrize("body, status, reason", BAD, ids=[reason for _, _, reason in BAD])
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_goes_on(proxy_server, body, status, reason):
     code, answer = post(proxy_server, body)
     assert code == status and reason in answer["error"] and "\n" not in answer["error"]
@@ -118,14 +157,178 @@ def test_too_large_and_unknown_paths_are_refused(proxy_server):
     assert post(proxy_server, b"{}", path="/nowhere")[0] == 404
 
 
-def test_a_run_through_the_server_logs_the_rewards_of_the_run_without_it(proxy_server, tmp_path):
-    run = lambda out, *args: train.main(options.parse_args(["--backbone", "tiny", "--max_steps", "2",  # noqa: E731
-                                                            "--output_dir", str(out), *args]))
-    here = run(tmp_path / "here")
-    there = run(tmp_path / "there", "--reward_url", proxy_server)
-    for key in ("reward/mixed", "reward/visual", "reward/temporal", "reward/semantic", "val/total"):
-        assert [row.get(key) for row in here] == [row.get(key) for row in there], key
-    assert here[-1]["val/total"] == there[-1]["val/total"]  # the validation videos are scored there too
+def health(url) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def in_process(v, prompts, fps) -> torch.Tensor:
+    """(n, 3) scores of the proxy in this process, `BATCH` videos a call."""
+    return rewards.score_batched(rewards.ProxyReward(), v, prompts, fps, BATCH)[0]
+
+
+def together(url, jobs, hold_s: float) -> list:
+    """(status, answer) of each (videos, prompts, fps) of `jobs`, all POSTed at once while a "sleep" request of
+    another frame shape holds the scorer for `hold_s` seconds, so that they all wait in the queue together."""
+    hold = threading.Thread(target=post, args=(url, remote.encode(videos(1, size=8), [f"sleep {hold_s}"], 8)))
+    hold.start()
+    while health(url)["scoring"] == 0:  # until the scorer holds it
+        time.sleep(0.01)
+    answers, start = [None] * len(jobs), threading.Barrier(len(jobs))
+
+    def ask(i):
+        start.wait()
+        answers[i] = post(url, remote.encode(*jobs[i]))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads + [hold]:
+        thread.join()
+    return answers
+
+
+def test_concurrent_requests_are_batched_and_each_gets_the_scores_of_its_own_videos(proxy_server):
+    """Eight requests wait together: six of one fps and frame shape (12 videos), one at another fps, one of another
+    frame shape. Each gets bitwise the scores of its videos scored alone in this process, from fewer scorer calls
+    than requests, none holding more than --reward_batch_size videos."""
+    jobs = [(videos(n, seed=i), PROMPTS[:n], 8) for i, n in enumerate([1, 2, 3, 1, 2, 3])]
+    jobs += [(videos(2, seed=6), PROMPTS[:2], 16), (videos(1, seed=7, size=12), PROMPTS[:1], 8)]
+    before = health(proxy_server)
+    answers = together(proxy_server, jobs, hold_s=1.5)
+    after = health(proxy_server)
+    for (v, prompts, fps), (code, answer) in zip(jobs, answers):
+        assert code == 200 and torch.equal(torch.tensor(answer["scores"]), in_process(v, prompts, fps))
+    calls = after["scored_calls"] - before["scored_calls"]
+    assert after["scored_videos"] - before["scored_videos"] == 1 + 12 + 2 + 1
+    # The holding call, ceil(12 / BATCH) calls for the 12 alike videos, one for each odd one out: 6 calls if
+    # every call is full, for 9 requests; a call over BATCH videos would make fewer.
+    assert 1 + math.ceil(12 / BATCH) + 2 <= calls < 1 + len(jobs)
+
+
+def test_a_scorer_error_fails_only_the_request_at_fault_and_the_server_goes_on(proxy_server):
+    """Four one-video requests wait together and go to the scorer in one call, which fails: retried one at a time,
+    the request whose scorer call raises ValueError gets 400, RuntimeError 500, the other two their scores."""
+    jobs = [(videos(1, seed=10), PROMPTS[:1], 8), (videos(1, seed=11), ["raise ValueError"], 8),
+            (videos(1, seed=12), PROMPTS[1:2], 8), (videos(1, seed=13), ["raise RuntimeError"], 8)]
+    before = health(proxy_server)["scored_calls"]
+    (good1, answer1), (bad, refused), (good2, answer2), (broken, failed) = together(proxy_server, jobs, hold_s=1.5)
+    assert health(proxy_server)["scored_calls"] - before == 1 + 1 + 4  # the hold, the call of four, each alone
+    assert bad == 400 and "the scorer refused the videos: ValueError: raise ValueError" in refused["error"]
+    assert broken == 500 and "the scorer failed: RuntimeError: raise RuntimeError" in failed["error"]
+    assert good1 == good2 == 200
+    assert torch.equal(torch.tensor(answer1["scores"]), in_process(*jobs[0]))
+    assert torch.equal(torch.tensor(answer2["scores"]), in_process(*jobs[2]))
+    assert post(proxy_server, json.dumps(good()).encode())[0] == 200
+
+
+def test_requests_beyond_max_queue_get_503(proxy_server):
+    """While the scorer is busy, --max_queue requests wait and the next one is told to retry."""
+    jobs = [(videos(1, seed=20 + i), PROMPTS[:1], 8) for i in range(MAX_QUEUE + 1)]
+    answers = together(proxy_server, jobs, hold_s=1.5)
+    assert sorted(code for code, _ in answers) == [200] * MAX_QUEUE + [503]
+    assert all(f"{MAX_QUEUE} requests are waiting already: retry" in answer["error"]
+               for code, answer in answers if code == 503)
+
+
+# Every training run below: three steps, a checkpoint after each, the validation videos at the end (scored through
+# the server too).
+RUN = ("--max_steps", "3", "--checkpointing_steps", "1")
+LOGGED = ("reward/mixed", "reward/visual", "reward/temporal", "reward/semantic", "val/total")
+
+
+def run(out, *args) -> list[dict]:
+    return train.main(options.parse_args(["--backbone", "tiny", "--output_dir", str(out), *args]))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run without --reward_url: what every run through a server below must log and end with."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, run(out, *RUN)
+
+
+def same_as_reference(out, reference) -> None:
+    """The rewards and validation score in `out`'s metrics.jsonl and its final adapter are bitwise the reference
+    run's."""
+    ref_out, ref_rows = reference
+    rows = logs.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [row["step"] for row in rows] == [1, 2, 3] and "val/total" in rows[-1]
+    for key in LOGGED:
+        assert [row.get(key) for row in rows] == [row.get(key) for row in ref_rows], key
+    adapter, expected = export.read_adapter(str(out)), export.read_adapter(str(ref_out))
+    assert adapter.keys() == expected.keys() and all(torch.equal(adapter[k], expected[k]) for k in expected)
+
+
+def test_two_training_processes_share_one_server(proxy_server, reference, tmp_path):
+    """`python train.py` in a subprocess and train.main in this process score through one server at the same time
+    (this one starts once the server has scored the other's first videos); each logs the rewards and validation
+    score of the run without the server and ends with its adapter, bit for bit."""
+    start = health(proxy_server)["scored_videos"]
+    other = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "tiny", *RUN,
+                              "--output_dir", str(tmp_path / "other"), "--reward_url", proxy_server], cwd=ROOT,
+                             text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while health(proxy_server)["scored_videos"] == start and other.poll() is None:
+            time.sleep(0.05)
+        run(tmp_path / "here", *RUN, "--reward_url", proxy_server)
+        err = other.communicate(timeout=300)[1]
+    finally:
+        other.kill()
+    assert other.returncode == 0, err[-3000:]
+    same_as_reference(tmp_path / "here", reference)
+    same_as_reference(tmp_path / "other", reference)
+
+
+def test_a_server_killed_mid_run_ends_the_run_naming_it_and_latest_resumes_to_the_same_adapter(
+        proxy_server, reference, tmp_path, monkeypatch, capsys):
+    """The server is killed (SIGKILL) right after the first checkpoint is written: the run stops within
+    --reward_timeout (3 s) with the URL and the resume command in one line, exit 1. With a server up again (the
+    module's: the URL is not part of a run's identity), `--resume_from_checkpoint latest` ends where the
+    uninterrupted run did, bit for bit. The run is train.py's command line in this process: the kill comes at a
+    fixed point, and no interpreter starts."""
+    proc, url = start_server("--reward", "proxy")
+    real_save, killed = checkpoint.save, []
+
+    def save_then_kill(output_dir, step, *args, **kwargs):
+        real_save(output_dir, step, *args, **kwargs)
+        if step == 1:
+            proc.kill()
+            proc.wait()
+            killed.append(time.perf_counter())
+
+    monkeypatch.setattr(checkpoint, "save", save_then_kill)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train.cli(["--backbone", "tiny", *RUN, "--output_dir", str(out), "--reward_url", url,
+                       "--reward_timeout", "3"])
+    finally:
+        proc.kill()
+        proc.wait()
+    stopped_after = time.perf_counter() - killed[0]
+    monkeypatch.undo()
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1 and message.startswith(f"train.py: error: --reward_url {url}: no answer within 3 s")
+    assert "--resume_from_checkpoint latest" in message
+    assert stopped_after < 3 + 5  # the timeout, and step 2's rollout before its reward request
+    assert os.listdir(out / "checkpoints") == ["checkpoint-1"]
+    run(out, *RUN, "--reward_url", proxy_server, "--resume_from_checkpoint", "latest")
+    same_as_reference(out, reference)
+
+
+def test_one_attempt_waits_as_long_as_the_deadline_allows(monkeypatch):
+    """A request queued behind other processes' videos is slow, not lost: one attempt may wait until the client's
+    timeout, where a fixed minute made the client send it again, queueing it twice (remote.py Deviations 2)."""
+    waited = []
+
+    def urlopen(request, timeout):
+        waited.append(timeout)
+        return io.BytesIO(b"{}")
+
+    monkeypatch.setattr(remote.urllib.request, "urlopen", urlopen)
+    assert remote.RemoteScorer("http://127.0.0.1:9", timeout=300).health() == {}
+    assert 299 < waited[0] <= 300
 
 
 def test_a_url_with_nothing_behind_it_fails_in_seconds_naming_it():
