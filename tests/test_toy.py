@@ -21,7 +21,7 @@ FIGURES = ["1_fan.png", "2_frontier.png", "3_variance.png", "4_offmanifold.png",
 
 # The configuration fields of toy_run.Row grouped into the factors the ablation varies one at a time.
 FACTORS = {"sde": ("kind", "eta"), "equalizer": ("equalizer",), "curriculum": ("curriculum",), "weights": ("weights",),
-           "trust_region": ("anchor_every", "beta_pos", "beta_vel")}
+           "trust_region": ("anchor_every", "beta_pos", "beta_vel"), "rollout": ("window", "ode_solver", "ode_steps")}
 
 
 # One worker runs all the tests of this module (pytest.ini: --dist loadgroup), so the quick run happens once.
@@ -76,7 +76,8 @@ def test_quick_run_writes_every_figure_and_a_one_factor_ablation(quick):
 
 def test_every_full_ablation_row_changes_one_factor():
     rows = {r.name: r for r in toy_run.ablation_rows({"flow": 0.52, "cps": 0.35, "dance": None})}
-    assert len(rows) >= 8 and len(rows) == 17
+    assert len(rows) >= 8 and len(rows) == 19
+    assert rows["window_unipc"].compare_to == "window_euler"  # the solver against the same window with Euler
     for name, row in rows.items():
         ref = vars(rows[row.compare_to])
         changed = {factor for factor, fields in FACTORS.items() if any(ref[f] != vars(row)[f] for f in fields)}

@@ -27,6 +27,7 @@ ROW_COLORS = {
     "sde_flow_eta0.7": "darkred", "no_equalizer": "tab:purple", "tr_none": "tab:gray", "tr_fixed": "tab:brown",
     "tr_moving": "tab:cyan", "tr_stepwise": "tab:olive", "curriculum_self_paced": "tab:pink",
     "curriculum_taros": "tab:purple", "hack_dual_tr": "tab:blue", "hack_no_tr": "tab:red",
+    "window_euler": "tab:green", "window_unipc": "darkgreen",
 }
 
 
@@ -163,25 +164,29 @@ def write_all(out, args, explore, frontier, etas, matched, along, along_matched,
               ("equalizer and curriculum", ["reference", "no_equalizer", "curriculum_self_paced", "curriculum_taros"],
                "total"),
               ("trust region", ["reference", "tr_none", "tr_fixed", "tr_moving", "tr_stepwise"], "total"),
-              ("reward hacking: weights 0.1/0.1/0.8 - off-ring distance", ["hack_dual_tr", "hack_no_tr"], "offring")]
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
-    for ax, (title, names, key) in zip(axes.flat, groups):
+              ("reward hacking: weights 0.1/0.1/0.8 - off-ring distance", ["hack_dual_tr", "hack_no_tr"], "offring"),
+              ("the rollout: SDE window W = 2, Euler or UniPC outside it", ["reference", "window_euler",
+                                                                           "window_unipc"], "total")]
+    fig = plt.figure(figsize=(24, 10))
+    grid = fig.add_gridspec(2, 4)  # six panels of curves, then reward vs KL over the last two cells
+    axes = [fig.add_subplot(grid[i // 4, i % 4]) for i in range(len(groups))] + [fig.add_subplot(grid[1, 2:])]
+    for ax, (title, names, key) in zip(axes, groups):
         for name in names:
             if name in by_name:
                 _band(ax, by_name[name], key)
         ax.axhline(base_metrics[key], color="k", ls=":", lw=1, label="base policy")
         ax.set_xlabel("iteration"), ax.set_title(title, fontsize=10), ax.legend(fontsize=7, loc="best")
         if key == "total":
-            ax.set_ylim(0.2, 0.9), ax.set_ylabel("ODE reward, equal weights")
+            ax.set_ylim(0.1, 0.9), ax.set_ylabel("ODE reward, equal weights")
         else:
             ax.set_yscale("log"), ax.set_ylim(0.01, 3), ax.set_ylabel("ODE mean |r - 1|")
-    ax = axes.flat[5]
+    ax = axes[-1]
     for run in runs:
         kl = torch.tensor([s["kl_init"] for s in run["seeds"]])
         tot = torch.tensor([s["total"] for s in run["seeds"]])
         ax.errorbar(kl.mean(), tot.mean(), xerr=kl.std() if len(kl) > 1 else 0, yerr=tot.std() if len(tot) > 1 else 0,
                     fmt="o", ms=4, color=ROW_COLORS.get(run["row"].name), label=run["row"].name)
-    ax.set_xscale("symlog", linthresh=0.1), ax.set_xlim(0, 1e3), ax.set_ylim(0.2, 0.9)
+    ax.set_xscale("symlog", linthresh=0.1), ax.set_xlim(0, 1e4), ax.set_ylim(0.1, 0.9)
     ax.set_xlabel("KL to the initial policy (sum over steps, sage eta 0.5 scale)"), ax.set_ylabel("final ODE reward")
     ax.set_title("final reward vs KL, mean +- std over seeds", fontsize=10), ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"The ablation: one factor per row, {args.seeds} seeds (band = +- std), {args.iters} iterations, "

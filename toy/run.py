@@ -1,8 +1,9 @@
 """The 2-D toy as a controlled experiment: the project's own sde / grpo / trust_region / curriculum code,
 one factor changed at a time, several seeds per row.
 
-    python toy/run.py            # the ablation: 17 rows x 3 seeds, 9 figures + summary.json in toy/out/
+    python toy/run.py            # the ablation: 19 rows x 3 seeds, 9 figures + summary.json in toy/out/
     python toy/run.py --quick    # 5 rows, 30 iterations: what tests/test_toy.py runs
+    python toy/run.py --rows window_euler,window_unipc   # only these rows (the others' numbers do not move)
 
 Setting (SPEC §7)
 -----------------
@@ -30,7 +31,7 @@ fixed prompts and noise, as the papers evaluate, never on the SDE rollouts the p
     offring      mean | |x_f| - 1 | over frames: distance from the data manifold
     kl_init      KL from the initial policy, sum over the K steps of gaussian_kl, measured with the
                  reference kind (sage, eta 0.5) at fixed states of a base-policy rollout, so that rows with
-                 different SDEs are compared on one scale
+                 different SDEs are compared on one scale (each step's share: `kl_init_per_step` in summary.json)
     diversity    circular std (radians) of the last frame's angle over a prompt's samples, mean over
                  prompts; it falls when the policy collapses onto one point of the prompt's arc
 
@@ -62,6 +63,13 @@ Deviations / choices
 6. The seeds of a row run as one batched model: every weight has a leading seed dim E, the batch is E
    blocks of B x G samples, and each seed's gradient is clipped by its own norm, so the E copies train
    exactly as E separate runs would (Adam is elementwise); only the speed differs.
+7. The rollout pair (issue 22): `window_euler` makes only the first W = 2 stochastic steps stochastic and
+   trained (sde.py Deviations 5; train.py's --sde_window 2 --sde_window_start 0) with one Euler call per step
+   outside the window; `window_unipc` integrates the 8 steps after the window with UniPC in M = K // 3 = 3 calls
+   (sde.py Deviations 6; --ode_solver unipc --ode_steps 3): 2 + 3 = 5 model calls per rollout against 10. The
+   window sits at the first steps, not at train.py's default random place in the first half, so that the pair
+   differs in the solver only. Every row's metrics use the same K-step Euler ODE: the solver changes the
+   rollouts the policy trains on, not how the policy is judged. The rows count their rollout calls.
 
 The update phase calls the same functions as train.py: grpo.select_timesteps, trust_region.anchor_means,
 trust_region.kl_coefficient, grpo.trained_step_loss, MovingAnchor.step.
@@ -282,9 +290,16 @@ class Row:
     anchor_every: int = 10
     beta_pos: float = 1.0
     beta_vel: float = 0.1
+    # The rollout (Deviations 7): only the first `window` stochastic steps are stochastic and trained (0: all K,
+    # sde.py Deviations 5), and `ode_solver` integrates the steps after them in `ode_steps` calls (None: one
+    # Euler call per step, sde.py Deviations 6).
+    window: int = 0
+    ode_solver: str = "euler"
+    ode_steps: int | None = None
 
 
-def ablation_rows(matched: dict) -> list[Row]:
+def ablation_rows(matched: dict, num_steps: int = 10) -> list[Row]:
+    """The rows in table order; num_steps (K) sets the solver row's calls M = K // 3 (Deviations 7)."""
     ref = Row("reference")
     rows = [ref]
     for kind in ("flow", "cps", "dance"):
@@ -308,6 +323,12 @@ def ablation_rows(matched: dict) -> list[Row]:
         replace(ref, name="hack_no_tr", factor="trust region: none, with weights 0.1/0.1/0.8",
                 compare_to="hack_dual_tr", weights=(0.1, 0.1, 0.8), beta_pos=0.0, beta_vel=0.0),
     ]
+    # The rollout pair (issue 22, Deviations 7): an SDE window of W = 2 with Euler outside it, then the same window
+    # with UniPC outside it in M = K // 3 calls (MixGRPO-Flash). Appended last, so every row above keeps its numbers.
+    window = replace(ref, name="window_euler", factor="SDE window W = 2 (first 2 steps), Euler outside it", window=2)
+    calls = num_steps // 3
+    rows += [window, replace(window, name="window_unipc", compare_to="window_euler", ode_solver="unipc",
+                             ode_steps=calls, factor=f"UniPC outside the window in M = {calls} calls")]
     return rows
 
 
@@ -345,14 +366,16 @@ def evaluate(net: VelocityMLP, eval_set: dict, args, weights=(1.0, 1.0, 1.0)) ->
     angle = torch.atan2(x[:, :, -1, 1], x[:, :, -1, 0]).view(E, NUM_PROMPTS, -1)  # (E, P, M / P)
     R = torch.stack([angle.cos().mean(-1), angle.sin().mean(-1)], -1).norm(dim=-1).clamp(1e-6, 1)  # (E, P)
     states = sde.Trajectory.cat([eval_set["states"]] * E)
-    kl = torch.zeros(E)
+    kl, kl_steps = torch.zeros(E), []
     for t in range(args.num_steps):  # t: a denoising step
         policy = sde.policy_step(velocity, states, torch.full((E * M,), t), "sage", 0.5)
-        kl += trust_region.gaussian_kl(policy.mu, eval_set["mu0"][:, t].repeat(E, 1), policy.std**2).view(E, M).mean(1)
+        kl_steps.append(trust_region.gaussian_kl(policy.mu, eval_set["mu0"][:, t].repeat(E, 1), policy.std**2
+                                                 ).view(E, M).mean(1))  # (E,) step t's share of kl_init
+        kl += kl_steps[-1]
     return {"visual": scores[..., 0].mean(1), "temporal": scores[..., 1].mean(1), "semantic": scores[..., 2].mean(1),
             "total": scores.mean((1, 2)), "total_own_weights": (scores * w).sum(-1).mean(1),
             "offring": ring_distance(x).mean((1, 2)), "kl_init": kl, "diversity": (-2 * R.log()).sqrt().mean(1),
-            "samples": x}
+            "kl_init_steps": torch.stack(kl_steps, 1), "samples": x}  # kl_init_steps (E, K): where the drift is
 
 
 def clip_grad_norm_per_copy_(net: VelocityMLP, max_norm: float) -> torch.Tensor:
@@ -384,7 +407,12 @@ def train_row(base: VelocityMLP, row: Row, args, tau, eval_set) -> dict:
     curricula = [row_curriculum(row, tau) for _ in range(E)]  # each seed keeps its own competence
     sigmas = sde.sigma_schedule(args.num_steps, args.shift)
     stochastic = sde.step_variances(sigmas, row.kind, row.eta) > 0  # (K,)
-    S = sde.equalizer_weights(sigmas, row.kind, row.eta) if row.equalizer else stochastic.float()  # as train.py
+    # As train.py: the window (K,) bool is the steps that are stochastic and trained; None without one, so a row
+    # without a window makes exactly the calls it made before windows existed.
+    window = sde.window_mask(stochastic, 0, row.window) if row.window else None
+    trained = stochastic if window is None else window  # (K,)
+    S = sde.equalizer_weights(sigmas, row.kind, row.eta, window) if row.equalizer else trained.float()  # as train.py
+    rollout_calls = 0  # model calls of all the row's rollouts (each on the whole batch of E n samples)
     history = {"iter": [], **{k: [] for k in METRICS}}  # ODE metrics, one list per seed at each evaluation
     curriculum_history = {"iter": []}  # the curriculum's stats of the training batches, mean over seeds
     first_ratio_dev = None
@@ -402,7 +430,14 @@ def train_row(base: VelocityMLP, row: Row, args, tau, eval_set) -> dict:
         # 1. sample: per seed, B prompts x G rollouts with the row's SDE, log-probs stored
         prompts = torch.randint(NUM_PROMPTS, (E, args.prompts_per_iter), generator=g).repeat_interleave(G, 1).flatten()
         velocity = lambda x, s: net(x, s, prompts)  # noqa: E731
-        traj = sde.rollout(velocity, torch.randn(E * n, 2 * args.frames, generator=g), sigmas, row.kind, row.eta, g)
+
+        def counted(x, s):  # the rollout's velocity, counted: the calls column of the table
+            nonlocal rollout_calls
+            rollout_calls += 1
+            return velocity(x, s)
+
+        traj = sde.rollout(counted, torch.randn(E * n, 2 * args.frames, generator=g), sigmas, row.kind, row.eta, g,
+                           window, ode_solver=row.ode_solver, ode_steps=row.ode_steps)
         # 2. reward: three components, mixed by each seed's curriculum
         scores = toy_scores(traj.latents[:, -1].view(E * n, args.frames, 2), prompts)  # (E n, 3)
         rewards, curriculum_stats = [], []  # per seed: (n,) mixed rewards, the curriculum's stats dict
@@ -415,7 +450,7 @@ def train_row(base: VelocityMLP, row: Row, args, tau, eval_set) -> dict:
         # 3. advantage within each prompt's group (groups never straddle two seeds: n is a multiple of G)
         A = grpo.group_advantages(torch.cat(rewards), G)  # (E n,)
         # 4. update: anchor means once, then updates_per_rollout optimizer updates over the timestep columns
-        timesteps = grpo.select_timesteps(E * n, stochastic, 1.0, g)  # (E n, K_s) denoising-step indices
+        timesteps = grpo.select_timesteps(E * n, trained, 1.0, g)  # (E n, K_train) denoising-step indices
         lambda_kl = trust_region.kl_coefficient(anchor.num_updates, start=0.01, end=1.0,
                                                 ramp_steps=args.iters // 2)  # Deviations 2
         mu_anchor = trust_region.anchor_means(anchor, lambda mb: velocity, traj, timesteps, row.kind, row.eta,
@@ -443,7 +478,9 @@ def train_row(base: VelocityMLP, row: Row, args, tau, eval_set) -> dict:
     final = {k: history[k][-1] for k in METRICS}
     seeds = [{k: final[k][e] for k in METRICS} for e in range(E)]
     return {"row": row, "seeds": seeds, "history": history, "curriculum_history": curriculum_history,
-            "first_ratio_dev": first_ratio_dev, "wall_s": time.time() - start, "samples": metrics["samples"][0]}
+            "first_ratio_dev": first_ratio_dev, "rollout_calls": rollout_calls / args.iters,
+            "kl_init_per_step": metrics["kl_init_steps"].mean(0).tolist(),  # (K,) final, mean over seeds
+            "wall_s": time.time() - start, "samples": metrics["samples"][0]}
 
 
 def _train_row_job(job) -> dict:
@@ -498,6 +535,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     p.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache"))
     p.add_argument("--quick", action="store_true", help="5 rows, 30 iterations: what tests/test_toy.py runs")
+    p.add_argument("--rows", default=None, help="NAME,NAME: train only these ablation rows (each row's numbers do "
+                                                 "not depend on which others run)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--seeds", type=int, default=3, help="seeds per row, trained as one batched model")
     p.add_argument("--iters", type=int, default=200, help="iterations: rollout batches per row")
@@ -519,6 +558,10 @@ def parse_args(argv=None):
         args.iters, args.pretrain_steps, args.eval_every = 30, 400, 10
     if min(args.seeds, args.updates_per_rollout, args.iters, args.workers, args.eval_every, args.log_every) < 1:
         p.error("--seeds, --updates_per_rollout, --iters, --workers, --eval_every and --log_every must be >= 1")
+    names = [r.name for r in ablation_rows(dict.fromkeys(SDE_KINDS))]  # the names do not depend on the matched etas
+    unknown = sorted(set(args.rows.split(",")) - set(names)) if args.rows is not None else []
+    if unknown:
+        p.error(f"--rows: unknown row(s) {', '.join(unknown)}; the rows are {', '.join(names)}")
     return args
 
 
@@ -560,7 +603,8 @@ def main(argv=None) -> dict:
     eval_set = make_evaluation(base, args)
     base_metrics = evaluate(base, eval_set, args)
     grad_norms = gradient_norms(base, args)
-    rows = [r for r in ablation_rows(matched) if not args.quick or r.name in QUICK_ROWS]
+    rows = [r for r in ablation_rows(matched, K) if (not args.quick or r.name in QUICK_ROWS)
+            and (args.rows is None or r.name in args.rows.split(","))]
     jobs = [({k: v.clone() for k, v in base.state_dict().items()}, row, args, tau) for row in rows]
     runs = []
     # Rows are independent and each runs on one thread, so --workers processes finish the table that many
@@ -570,7 +614,7 @@ def main(argv=None) -> dict:
         runs.append(run)
         mean, std = mean_std(run["seeds"])
         print(f"{run['row'].name:<22} total {mean['total']:.3f} +- {std['total']:.3f}  offring {mean['offring']:.3f}  "
-              f"kl {mean['kl_init']:.3f}  {run['wall_s']:.1f}s", flush=True)
+              f"kl {mean['kl_init']:.3f}  rollout calls {run['rollout_calls']:g}  {run['wall_s']:.1f}s", flush=True)
     if pool:
         pool.close(), pool.join()
 
@@ -589,7 +633,9 @@ def main(argv=None) -> dict:
         mean, std = mean_std(run["seeds"])
         ablation.append({"name": run["row"].name, "factor": run["row"].factor, "compare_to": run["row"].compare_to,
                          "config": asdict(run["row"]), "seeds": run["seeds"], "mean": mean, "std": std,
-                         "first_ratio_dev": run["first_ratio_dev"], "wall_s": run["wall_s"],
+                         "first_ratio_dev": run["first_ratio_dev"], "rollout_calls": run["rollout_calls"],
+                         "kl_init_per_step": run["kl_init_per_step"],
+                         "wall_s": run["wall_s"],
                          "history": run["history"], "curriculum_history": run["curriculum_history"]})
     summary = {
         "args": vars(args),
@@ -621,11 +667,12 @@ def print_summary(summary: dict, cached: bool) -> None:
     print(f"ODE metrics, mean +- std over {a['seeds']} seeds, {a['iters']} iterations, K {a['num_steps']}, "
           f"shift {a['shift']:g}:")
     cols = ("total", "visual", "temporal", "semantic", "offring", "kl_init", "diversity")
-    print(f"{'row':<22} " + " ".join(f"{c:>15}" for c in cols))
+    print(f"{'row':<22} " + " ".join(f"{c:>15}" for c in cols) + "  rollout calls")
     b = summary["base_ode"]
     print(f"{'base':<22} " + " ".join(f"{b[c]:>15.3f}" for c in cols))
-    for r in summary["ablation"]:
-        print(f"{r['name']:<22} " + " ".join(f"{r['mean'][c]:>8.3f} +-{r['std'][c]:.3f}" for c in cols))
+    for r in summary["ablation"]:  # rollout calls: model calls per rollout (one call = the whole batch)
+        print(f"{r['name']:<22} " + " ".join(f"{r['mean'][c]:>8.3f} +-{r['std'][c]:.3f}" for c in cols)
+              + f"  {r['rollout_calls']:>13g}")
     w = summary["wall_s"]
     print(f"total {summary['total_s']:.1f}s (pretrain {w['pretrain']:.1f}, exploration {w['exploration']:.1f}, "
           f"{len(summary['ablation'])} rows on {a['workers']} workers {w['rows']:.1f}, figures {w['figures']:.1f}); "
