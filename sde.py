@@ -83,10 +83,14 @@ Deviations / choices
    exactly 1 at unchanged weights. The equalizer's median is taken over the window's steps.
 6. A higher-order solver outside the window (`ode_solver`, `ode_steps`; MixGRPO-Flash's idea): the runs of
    deterministic steps (before the window, after it) are integrated by `ode_solver` in `ode_steps` model calls
-   in all instead of one call per step. The solver visits a subset of the training grid (`solver_grid`: evenly
-   spaced step indices), so the window's sigmas are the training schedule's exactly, the state entering the
-   window is the solver's, and the window's steps are sampled, stored and trained as in 5 (the on-policy ratio
-   stays exactly 1). The calls are shared among the runs in proportion to their lengths (`ode_calls`).
+   in all instead of one call per step. The solver visits a subset of the training grid (`solver_grid`), so the
+   window's sigmas are the training schedule's exactly, the state entering the window is the solver's, and the
+   window's steps are sampled, stored and trained as in 5 (the on-policy ratio stays exactly 1). The calls are
+   shared among the runs in proportion to their lengths (`ode_calls`).
+   - Which points: quadratically spaced in step index, denser toward the run's end (DDIM's "quad" skip). The
+     shifted training grid takes its largest steps at low noise, where the path bends most; evenly spaced points
+     (the pipeline's own spacing) left UniPC at M = K/3 2-3x less accurate than Euler with K steps, the quadratic
+     ones make it about as accurate or better (bench/ode_accuracy.py; README table).
    - "euler" is the plain Euler step of the ODE on that coarser grid (with one call per step it is today's
      rollout exactly); "unipc" is diffusers' UniPCMultistepScheduler (Wan2.1's own sampler, flow sigmas, shift
      1 because our sigmas are already shifted), driven step by step with our velocity at our sigmas. The
@@ -398,9 +402,14 @@ def ode_calls(lengths: Sequence[int], calls: int) -> list[int]:
 
 
 def solver_grid(a: int, b: int, calls: int) -> list[int]:
-    """calls + 1 step indices from a to b, evenly spaced and rounded half up: the points of the training grid a
-    solver visits (strictly increasing for calls <= b - a; all of a..b when calls = b - a)."""
-    return [a + (2 * (b - a) * i + calls) // (2 * calls) for i in range(calls + 1)]
+    """calls + 1 step indices from a to b: the points of the training grid a solver visits (Deviations 6).
+    Quadratically spaced (DDIM's "quad" skip), denser toward b: index a + (b - a)(1 - (1 - i / calls)^2), rounded
+    half up, kept strictly increasing; all of a..b when calls = b - a."""
+    grid = [a]
+    for i in range(1, calls):
+        point = a + math.floor((b - a) * (1 - (1 - i / calls) ** 2) + 0.5)
+        grid.append(min(max(point, grid[-1] + 1), b - (calls - i)))  # room for the calls still to come
+    return grid + [b]
 
 
 def _unipc(sigmas: torch.Tensor):
@@ -408,7 +417,10 @@ def _unipc(sigmas: torch.Tensor):
     sigmas are shifted already), driven one step at a time from the first."""
     from diffusers import UniPCMultistepScheduler  # here: the Euler path and the toy do not need diffusers
 
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+    # A first-order last step (lower_order_final) is diffusers' guard at sigma 0, where the log-SNR is infinite; a
+    # run that ends at the window (sigma_s > 0) keeps the full order to its end.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                        lower_order_final=bool(sigmas[-1] == 0))
     scheduler.set_timesteps(sigmas=sigmas[:-1].double().numpy())  # it appends sigma 0, guards sigma = 1
     scheduler.sigmas[-1] = sigmas[-1]  # a run that ends at the window ends at sigma_s > 0
     scheduler.set_begin_index(0)

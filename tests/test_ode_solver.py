@@ -45,13 +45,13 @@ def counted(velocity):
 
 
 def test_unipc_converges_at_a_higher_order_than_euler_to_the_state_entering_the_window():
-    """The run before a window ends at sigma_s > 0 (sde.py replaces the scheduler's last sigma by sigma_s): doubling
-    M cuts Euler's error by 2 (first order) and UniPC's by about 4. Measured, K = 32, window from step 8
-    (sigma_8 = 0.9), M = 2, 4, 8 before it: Euler 7.8e-4, 3.9e-4, 2.0e-4 (2.0, 2.0); UniPC 4.9e-4, 1.3e-4, 3.5e-5
-    (3.7, 3.7). UniPC's last step before the window is first order (diffusers' lower_order_final), hence 4, not 8."""
-    K, s = 32, 8
+    """The run before a window ends at sigma_s > 0 (sde.py replaces the scheduler's last sigma by sigma_s and keeps
+    the full order to the end there): doubling M cuts Euler's error by about 2 (first order) and UniPC's by far
+    more. Measured, K = 32, window from step 16 (sigma 0.75), M = 2, 4, 8 before it: Euler 6.6e-3, 3.5e-3, 1.7e-3
+    (1.9, 2.1); UniPC 1.9e-3, 1.0e-4, 1.3e-5 (18.6, 7.8)."""
+    K, s = 32, 16
     sigmas = sde.sigma_schedule(K, 3.0)
-    window = torch.arange(K) >= s  # (K,) the last 24 steps are stochastic: the solver runs [0, 8) only
+    window = torch.arange(K) >= s  # (K,) the last 16 steps are stochastic: the solver runs [0, 16) only
     exact = exact_state(x_T(), float(sigmas[s]))
     ratios = {}
     for solver in ("euler", "unipc"):
@@ -61,8 +61,8 @@ def test_unipc_converges_at_a_higher_order_than_euler_to_the_state_entering_the_
                                ode_solver=solver, ode_steps=M)
             errs.append(rel_error(traj.latents[:, s], exact))
         ratios[solver] = [a / b for a, b in zip(errs, errs[1:])]
-    assert all(1.8 < r < 2.2 for r in ratios["euler"]), ratios
-    assert all(r > 3.2 for r in ratios["unipc"]), ratios
+    assert all(1.7 < r < 2.3 for r in ratios["euler"]), ratios
+    assert all(r > 6 for r in ratios["unipc"]), ratios
 
 
 def test_unipc_final_latent_converges_at_a_higher_order_than_euler_once_the_last_steps_are_small():
@@ -139,10 +139,12 @@ def test_euler_with_one_call_per_step_is_the_default_rollout_exactly(start):
                          ode_solver="euler", ode_steps=K - 2)
     assert torch.equal(plain.latents, solved.latents) and torch.equal(plain.logp, solved.logp)
     assert torch.equal(plain.std, solved.std) and torch.equal(plain.mu[:, window], solved.mu[:, window])
-    # Euler on every other point of the K grid is the K/2-step rollout: sigma_schedule's grids nest exactly.
-    half = sde.rollout(gaussian_velocity, x_T(N), sde.sigma_schedule(K // 2, 3.0), "ode", 0.0)
-    every_other = sde.rollout(gaussian_velocity, x_T(N), sigmas, "ode", 0.0, ode_solver="euler", ode_steps=K // 2)
-    assert torch.equal(half.latents[:, -1], every_other.latents[:, -1])
+    # Euler in K/2 calls is the plain rollout on the sub-grid the solver visits (sde.solver_grid)
+    grid = sde.solver_grid(0, K, K // 2)
+    coarse = sde.rollout(gaussian_velocity, x_T(N), sigmas[grid], "ode", 0.0)
+    solved = sde.rollout(gaussian_velocity, x_T(N), sigmas, "ode", 0.0, ode_solver="euler", ode_steps=K // 2)
+    assert torch.equal(coarse.latents[:, -1], solved.latents[:, -1])
+    assert torch.equal(coarse.latents, solved.latents[:, grid])  # and the states it visits are stored
 
 
 def test_the_window_draws_the_same_noise_whatever_the_solver():
