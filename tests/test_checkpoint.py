@@ -15,8 +15,6 @@ import re
 import resource
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import warnings
 
@@ -27,6 +25,7 @@ from accelerate import Accelerator
 from peft.utils import get_peft_model_state_dict
 
 import curriculum
+import launcher  # tests/
 import train
 import trust_region
 from models import backbones
@@ -597,28 +596,25 @@ def test_three_kill_9_during_saves_each_resume_with_latest_to_the_end(reference,
     """Real SIGKILLs of a training process at random moments inside its checkpoint saves (each fsync is slowed
     down so that a save lasts about a second), then `--resume_from_checkpoint latest` each time."""
     ref_out, _ = reference
-    slow = ("import time, train; from training import checkpoint; real = checkpoint._fsync; "
-            "checkpoint._fsync = lambda p: (time.sleep(0.15), real(p)); train.cli()")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = ["--backbone", "tiny", "--output_dir", str(tmp_path), *map(str, RUN)]
     rng = random.Random(0)
     root = tmp_path / "checkpoints"
-    for kill in range(3):
+    for kill in range(3):  # each a real process (forked from tests/launcher.py's forkserver), killed for real
         extra = ["--resume_from_checkpoint", "latest"] if kill else []
-        proc = subprocess.Popen([sys.executable, "-c", slow, *args, *extra], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = launcher.Popen("train", [*args, *extra], env, before=launcher.slow_fsync)
         target = root / f"checkpoint-{kill + 1}.incomplete"
         deadline = time.time() + 240
         while not target.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside the save (or just after it)
         proc.send_signal(signal.SIGKILL)
-        err = proc.communicate()[1].decode()
+        err = proc.communicate()[1]
         assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--resume_from_checkpoint", "latest"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resume: " in done.stdout
+    done = launcher.Popen("train", [*args, "--resume_from_checkpoint", "latest"], env)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-3000:]
+    assert "resume: " in out
     same_run(tmp_path, ref_out)
 
 

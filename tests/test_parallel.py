@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import imageio.v3 as iio
@@ -16,6 +14,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+import launcher  # tests/
 from training import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,16 +36,16 @@ def train(out, *args, processes=1):
 
 def launch(name, *args, processes):
     """`name` as `processes` gloo processes, started by hand as accelerate launch would (RANK, WORLD_SIZE, ...;
-    without the launcher's own interpreter); fails with the first failing process's stderr."""
+    forked from tests/launcher.py's forkserver, which imported the scripts once); fails with the first failing
+    process's stderr."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
                WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port))
-    cmd = [sys.executable, os.path.join(ROOT, name), *map(str, args)]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for r in range(processes)]
+    procs = [launcher.Popen(name.removesuffix(".py"), args, dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(processes)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errors):
         assert p.returncode == 0, err[-3000:]

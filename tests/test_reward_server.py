@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 import torch
 
+import launcher  # tests/
 import rewards
 import train
 from reward_models import remote
@@ -261,13 +262,12 @@ def same_as_reference(out, reference) -> None:
 
 
 def test_two_training_processes_share_one_server(proxy_server, reference, tmp_path):
-    """`python train.py` in a subprocess and train.main in this process score through one server at the same time
+    """train.py in another process (tests/launcher.py) and train.main in this process score through one server at the same time
     (this one starts once the server has scored the other's first videos); each logs the rewards and validation
     score of the run without the server and ends with its adapter, bit for bit."""
     start = health(proxy_server)["scored_videos"]
-    other = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "tiny", *RUN,
-                              "--output_dir", str(tmp_path / "other"), "--reward_url", proxy_server], cwd=ROOT,
-                             text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    other = launcher.Popen("train", ["--backbone", "tiny", *RUN, "--output_dir", tmp_path / "other", "--reward_url",
+                                     proxy_server], dict(os.environ))
     try:
         while health(proxy_server)["scored_videos"] == start and other.poll() is None:
             time.sleep(0.05)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import grpo
+import launcher  # tests/
 import rewards
 import sde
 import train
@@ -178,6 +179,7 @@ def model_calls(K, N, k_train, micro, guidance, anchor_rows, prefix=0, G=4, rest
 WINDOW_6 = ["--num_steps", "6", "--sde_window", "2", "--sde_window_start"]
 
 
+@pytest.mark.slow  # eight runs
 @pytest.mark.parametrize("args, K, k_train, micro, guidance, anchor_at_step2, prefix, rest", [
     ([], 4, 4, 4, 6.0, True, 0, None),  # sage, all 4 steps trained; anchor 1 update behind at step 2
     (["--sde", "cps", "--timestep_fraction", "0.5", "--micro_batch_size", "2", "--guidance", "1"], 4, 2, 2, 1.0, True, 0,
@@ -277,16 +279,16 @@ def test_resume_refuses_changed_options(two_steps, tmp_path):
 
 def two_processes_mid_run(tmp_path, *args):
     """Starts train.py as two gloo processes by hand (as on two nodes: on one node accelerate's launcher would
-    stop the survivor itself) and returns them once the first metrics row is written."""
+    stop the survivor itself; forked from tests/launcher.py's forkserver) and returns them once the first metrics
+    row is written."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", WORLD_SIZE="2",
                LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "tiny", "--max_steps", "100",
-           "--validation_steps", "0", "--checkpointing_steps", "0", "--output_dir", str(tmp_path), *map(str, args)]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    argv = ["--backbone", "tiny", "--max_steps", "100", "--validation_steps", "0", "--checkpointing_steps", "0",
+            "--output_dir", str(tmp_path), *map(str, args)]
+    procs = [launcher.Popen("train", argv, dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
     deadline = time.time() + 240
     while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
         if not all(p.poll() is None for p in procs) or time.time() > deadline:
@@ -359,6 +361,7 @@ def test_tensorboard_receives_every_scalar_and_the_validation_frames(tmp_path):
     assert (config["transformer.r"], config["transformer.lora_alpha"]) == (32, 64)
 
 
+@pytest.mark.slow  # two runs and a resume
 def test_muon_runs_and_resumes_exactly(tmp_path):
     """--optimizer muon (Muon for the LoRA matrices): its state is saved with the checkpoint, so a resumed step
     equals the uninterrupted one bit for bit."""
@@ -388,6 +391,7 @@ def test_the_vlm_judge_feeds_three_finite_components_to_the_curriculum(tmp_path,
     assert 0 <= row["reward/judge_off_format_mass"] <= 1 and row["health/nonfinite_scores"] == 0
 
 
+@pytest.mark.slow  # two runs and a resume
 def test_a_tiny_wan_run_resumes_exactly(tmp_path):
     """The Wan2.1 family through the same loop: a resume from the middle replays the rest exactly. (No learning
     test here: tiny-wan's random 14 k-parameter VAE decodes nearly constant frames, so every proxy score of a group
