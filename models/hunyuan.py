@@ -582,7 +582,6 @@ def use_valid_token_attention(transformer, enable: bool = True) -> None:
         block.attn.set_processor(processor)
 
 
-@torch.no_grad()
 def pipeline_scheduler(backbone: Backbone, num_steps: int):
     """The scheduler as HunyuanVideo15Pipeline sets it for `num_steps`: the folder's FlowMatchEuler on the sigmas
     linspace(1, 0, K + 1)[:-1] it passes, shifted: the training grid (sde.sigma_schedule) itself."""
@@ -591,6 +590,7 @@ def pipeline_scheduler(backbone: Backbone, num_steps: int):
     return scheduler
 
 
+@torch.no_grad()
 def decode(backbone: Backbone, latents: torch.Tensor) -> torch.Tensor:
     """Latents (N, C, F', H', W') -> frames (N, F, 3, H, W) float32 in [0, 1], one sample at a time
     (the VAE's mid-block attention breaks for batch > 1, diffusers PR #13133). For long 480p+ clips,

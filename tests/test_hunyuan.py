@@ -303,6 +303,11 @@ def test_decode_batch_equals_per_sample_vae_and_is_in_unit_range(backbone):
             torch.testing.assert_close(frames[i], expected)
 
 
+def test_decode_builds_no_graph_even_for_latents_that_require_grad(backbone):
+    z = torch.randn(1, *hunyuan.latent_shape(backbone, 5, 32, 32), requires_grad=True)
+    assert not hunyuan.decode(backbone, z).requires_grad  # the frozen VAE under no_grad, as wan.decode
+
+
 def test_latent_shape_matches_vae_encode(backbone):
     clip = torch.rand(1, 3, 9, 16, 24) * 2 - 1
     with torch.no_grad():
