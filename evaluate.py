@@ -105,6 +105,7 @@ def check(args: argparse.Namespace):
         raise ConfigError(f"--runs were trained from different --pretrained {sorted(pretrained)}: pass --pretrained")
     pretrained = args.pretrained or next(iter(pretrained), None)
     settings = sample.resolve_settings(args.backbone, {}, {})
+    args.ode_solver = args.ode_solver or "euler"  # Deviations 2: one protocol for every row, not each run's own
     sample.check_solver(args, settings["num_steps"])
     try:
         folder = backbones.check_request(args.backbone, pretrained,

@@ -12,7 +12,8 @@ run's validation prompts in their order with the run's --seed reproduces its `sa
 
 Deviations / choices
 1. Settings come from the command line, else from the run the weights belong to (its recorded num_steps,
-   guidance, shift, clip size, fps), else from the backbone preset: `--lora RUN` alone samples as the run
+   guidance, shift, clip size, fps, and the solver its validation used: --ode_solver, W + M calls), else from
+   the backbone preset: `--lora RUN` alone samples as the run
    validated. The random-weight backbones (tiny, small, tiny-wan) are drawn from the run's --seed, the base
    the adapter was trained on; without a run, from --seed.
 2. One writer for all videos (logs.save_videos): a GIF always, an MP4 beside it when imageio-ffmpeg is
@@ -26,12 +27,13 @@ Deviations / choices
    groups split them, the U processes of a group compute each video together and one of them writes it.
 5. `--batch_size` videos are sampled per call, so the stored trajectory and the decoded clips stay bounded;
    each forward takes the preset's micro-batch (one video for the real backbones).
-6. Which sampler (`--ode_solver`): by default `euler` on the training grid, one call per step, the ODE train.py's
-   validation samples, so a run's validation videos are reproduced; `unipc` integrates that grid in
-   `--ode_steps` calls (sde.py Deviations 6); `pipeline` samples as the backbone's diffusers pipeline does out of
-   the box (its folder's scheduler and its set_timesteps(K) grid: UniPC on WanPipeline's own grid for Wan2.1,
-   Euler on the training grid for HunyuanVideo-1.5), for videos comparable with other papers' (tested against
-   WanPipeline). Training keeps its grid: the SDE, its window and log-probs are defined on it.
+6. Which sampler (`--ode_solver`): by default the one train.py's validation used (Euler on the training grid,
+   one call per step, unless the run set --ode_solver / --ode_steps), so a run's validation videos are
+   reproduced; `unipc` integrates that grid in `--ode_steps` calls (sde.py Deviations 6); `pipeline` samples as
+   the backbone's diffusers pipeline does out of the box (its folder's scheduler config, shift included, and its
+   set_timesteps(K) grid: UniPC on WanPipeline's own grid for Wan2.1, Euler on the training grid for
+   HunyuanVideo-1.5), for videos comparable with other papers' (tested against both pipelines). Training keeps
+   its grid: the SDE, its window and log-probs are defined on it.
 
 Test: `python -m pytest tests/test_sample_evaluate.py -q`.
 """
@@ -78,10 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_solver_options(p: argparse.ArgumentParser) -> None:
     """--ode_solver / --ode_steps, shared with evaluate.py (Deviations 6)."""
-    p.add_argument("--ode_solver", default="euler", choices=(*sde.ODE_SOLVERS, "pipeline"),
-                   help="euler: the training grid, one call per step (train.py's validation); unipc: UniPC on that "
-                        "grid in --ode_steps calls; pipeline: the backbone's diffusers pipeline, its scheduler and grid")
-    p.add_argument("--ode_steps", type=int, help="model calls of euler / unipc (default K = --num_steps)")
+    p.add_argument("--ode_solver", default=None, choices=(*sde.ODE_SOLVERS, "pipeline"),
+                   help="euler: the training grid, one call per step; unipc: UniPC on that grid in --ode_steps calls; "
+                        "pipeline: the backbone's diffusers pipeline, its scheduler and grid (default: as the run "
+                        "validated, else euler)")
+    p.add_argument("--ode_steps", type=int, help="model calls of euler / unipc (default: as the run validated, else K)")
 
 
 def check_solver(args: argparse.Namespace, num_steps: int) -> None:
@@ -159,6 +162,11 @@ def check(args: argparse.Namespace):
         sde.step_variances(sde.sigma_schedule(settings["num_steps"], shift), args.sde, eta)
     except ValueError as err:
         raise ConfigError(f"--sde {args.sde} --eta {eta} --num_steps {settings['num_steps']}: {err}") from None
+    if args.ode_solver is None and args.sde == "ode":  # Deviations 1: as the run validated (its solver, W + M calls)
+        args.ode_solver = run.get("ode_solver") or "euler"
+        if args.ode_steps is None and run.get("ode_steps") is not None and settings["num_steps"] == run.get("num_steps"):
+            args.ode_steps = min(run["num_steps"], run["sde_window"] + run["ode_steps"])  # options.validation_calls
+    args.ode_solver = args.ode_solver or "euler"
     check_solver(args, settings["num_steps"])
     return weights, prompts, settings, eta
 

@@ -56,6 +56,21 @@ def test_sample_reproduces_the_runs_validation_videos(run, tmp_path):
         pass
 
 
+@pytest.mark.slow  # a second run
+def test_sample_reproduces_the_validation_of_a_run_with_a_solver(tmp_path):
+    """A run whose rollouts (and so its validation) use UniPC in W + M calls: sample.py without solver options
+    samples as that validation did (found by review: it used to fall back to Euler, frames up to 57 levels off)."""
+    out = tmp_path / "run"
+    train.main(options.parse_args(["--backbone", "tiny", "--max_steps", "1", "--group_size", "2", "--num_steps", "6",
+                                   "--sde_window", "2", "--sde_window_start", "0", "--ode_solver", "unipc",
+                                   "--ode_steps", "2", "--validation_steps", "1", "--output_dir", str(out)]))
+    videos = sample_validation_prompts(tmp_path / "videos", "--lora", out)
+    for k in range(len(options.VALIDATION_PROMPTS)):
+        assert np.array_equal(frames(videos[k] + ".gif"), frames(out / "samples" / f"step000001_{k}.gif"))
+    euler = sample_validation_prompts(tmp_path / "euler", "--lora", out, "--ode_solver", "euler")
+    assert not np.array_equal(frames(euler[0] + ".gif"), frames(videos[0] + ".gif"))  # the solver matters here
+
+
 def evaluation(out, *runs) -> dict:
     prompts = out.parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
