@@ -129,9 +129,10 @@ def test_sample_and_evaluate_under_ulysses_make_the_videos_and_scores_of_one_pro
         assert torch.allclose(torch.tensor(a["per_video"]["proxy"]), torch.tensor(b["per_video"]["proxy"]), atol=1e-6)
 
 
-def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU):
+def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU, fsdp_version=2):
     return SimpleNamespace(num_processes=processes, mixed_precision="no", distributed_type=kind,
-                           device=torch.device(device))
+                           device=torch.device(device),
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version)))
 
 
 def fsdp_worker(rank, world, port, name, answers):
@@ -228,9 +229,11 @@ def test_a_split_the_model_cannot_take_is_a_usage_error(argv, message):
         options.resolve(options.parse_args(argv))
 
 
-def test_full_fine_tuning_under_fsdp_with_context_parallelism_is_accepted():
+def test_full_fine_tuning_under_fsdp2_with_context_parallelism_is_accepted_and_under_fsdp1_refused():
     cfg = options.resolve(options.parse_args(["--backbone", "tiny-wan", "--ulysses_degree", "2", "--full"]))
     options.check_launch(cfg, launch_config(2, kind=DistributedType.FSDP))  # Deviations 4: no refusal
+    with pytest.raises(options.ConfigError, match="with FSDP needs FSDP2"):
+        options.check_launch(cfg, launch_config(2, kind=DistributedType.FSDP, fsdp_version=1))
 
 
 def test_context_parallel_options_are_part_of_the_run_identity():

@@ -453,6 +453,11 @@ def check_launch(cfg: Config, accelerator) -> None:
                                       accelerator.device.type)
     if problem:
         raise ConfigError(problem)
+    fsdp_plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if cp_size > 1 and accelerator.distributed_type == DistributedType.FSDP and getattr(fsdp_plugin, "fsdp_version",
+                                                                                          1) != 2:
+        raise ConfigError("--ulysses_degree / --ring_degree with FSDP needs FSDP2 (fsdp_version: 2, as "
+                          "configs/fsdp2_full.yaml; training/parallel.py Deviations 4): FSDP1 is not tested with a split")
     if cp_size > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError("--ulysses_degree / --ring_degree with DeepSpeed is not supported (training/parallel.py "
                           "Deviations 4): launch full fine-tuning with FSDP2 (configs/fsdp2_full.yaml), LoRA with DDP "
