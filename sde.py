@@ -427,11 +427,13 @@ def _unipc(sigmas: torch.Tensor):
     return scheduler
 
 
-def ode_run(velocity_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor, solver: str) -> list[torch.Tensor]:
+def ode_run(velocity_fn: Callable, x: torch.Tensor, sigmas: torch.Tensor, solver: str,
+            host_sigmas: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The states at sigmas[0..M] (M + 1 of them, the first x) of the ODE from x, integrated by `solver` in M model
-    calls, each at one of these sigmas (Deviations 6)."""
+    calls, each at one of these sigmas (Deviations 6). `host_sigmas`: the same on the host, for the scheduler
+    (saves a device-to-host copy)."""
     N, states = x.shape[0], [x]
-    scheduler = _unipc(sigmas.cpu()) if solver == "unipc" else None
+    scheduler = _unipc(sigmas.cpu() if host_sigmas is None else host_sigmas) if solver == "unipc" else None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].expand(N), sigmas[i + 1].expand(N)  # (N,), (N,)
         v = velocity_fn(x, sigma).float()  # the model at our sigma (the scheduler's first one is 1 - 1e-6)
@@ -476,7 +478,7 @@ def rollout(velocity_fn: Callable, x_T, sigmas, kind: str, eta: float, generator
         if t in solved:  # a run of deterministic steps, by the solver (Deviations 6)
             end, m = solved[t]
             grid = solver_grid(t, end, m)
-            states = iter(ode_run(velocity_fn, x, sigmas_dev[grid], ode_solver)[1:])
+            states = iter(ode_run(velocity_fn, x, sigmas_dev[grid], ode_solver, sigmas[grid])[1:])
             nan = torch.full_like(x, float("nan"))  # states the solver does not visit do not exist
             for u in range(t, end):
                 _randn_like(x, generator)  # the draw this step would have made: the window's noise is unchanged
