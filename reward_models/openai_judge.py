@@ -85,14 +85,12 @@ import io
 import json
 import logging
 import math
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from reward_models import remote
 from reward_models.remote import RewardServerError
 from reward_models.videoalign import (CHAT_SPECIALS, MAX_PIXELS, MIN_PIXELS, resize_for_qwen, sample_frames,
                                       to_uint8_levels)
@@ -171,34 +169,10 @@ def read_answer(top_logprobs: list, scale) -> tuple[float, float, float]:
 
 
 def request_json(url: str, path: str, body: dict | None, timeout: float, what: str = "--reward_timeout") -> dict:
-    """The JSON answer of GET url + path (POST with `body`), retrying connection errors and 5xx with exponential
-    backoff until `timeout` seconds (Deviations 7); otherwise RewardServerError naming the URL, in one line."""
+    """The JSON answer of GET url + path (POST with `body`): remote.request_json, the project's one HTTP client
+    (retries, backoff, one-line errors naming the URL; Deviations 7), with the judge server's hint."""
     data = None if body is None else json.dumps(body).encode()
-    deadline, wait, last = time.monotonic() + timeout, 0.5, None
-    while True:
-        request = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            # one attempt may wait until the deadline: a request queued behind others at the server is slow, not lost
-            with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as answer:
-                text = answer.read()
-            try:
-                return json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise RewardServerError(f"--reward_url {url}: {path} answered something that is not JSON "
-                                        f"({text[:60]!r}): is it an OpenAI-compatible server's /v1?") from None
-        except urllib.error.HTTPError as err:
-            reason = " ".join(err.read().decode(errors="replace").split())[:300]  # one line
-            if err.code < 500:  # a bug in the request or a setting of the server: retrying would not help
-                raise RewardServerError(f"--reward_url {url}: {path} answered {err.code}: {reason}") from None
-            last = f"{err.code}: {reason}"
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
-            last = str(getattr(err, "reason", err))
-        if time.monotonic() + wait > deadline:
-            raise RewardServerError(f"--reward_url {url}: {path}: no answer within {timeout:g} s ({what}: {last}); "
-                                    f"{RETRY_HINT}") from None
-        time.sleep(wait)
-        wait = min(wait * 2, 10.0)
+    return remote.request_json(url, path, data, timeout, what, RETRY_HINT)
 
 
 def check_server(url: str, model: str, prompt_template_file=None, timeout: float = 5.0) -> list[str]:

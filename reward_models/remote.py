@@ -99,6 +99,41 @@ def decode(body: bytes) -> tuple[torch.Tensor, list[str], float]:
     return values, prompts, float(fps)
 
 
+SERVER_HINT = ("start the server (python reward_server.py ...), then run again (a run that had started: "
+               "--resume_from_checkpoint latest)")
+
+
+def request_json(url: str, path: str, body: bytes | None, timeout: float, what: str, hint: str) -> dict:
+    """The JSON answer of GET url + path (POST of the JSON `body`), retrying connection errors and 5xx with
+    exponential backoff until `timeout` seconds (Deviations 2); otherwise RewardServerError naming the URL, in one
+    line ending with `hint` (what to do). The client of reward_server.py and of the OpenAI-compatible judge."""
+    deadline, wait, last = time.monotonic() + timeout, 0.5, None
+    while True:
+        request = urllib.request.Request(url + path, data=body, method="GET" if body is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            # Deviations 2: an attempt may wait until the deadline (a queued request is slow, not lost)
+            with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as answer:
+                text = answer.read()
+            try:
+                return json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise RewardServerError(f"--reward_url {url}: {path} answered something that is not JSON "
+                                        f"({text[:60]!r}): is the URL the server's?") from None
+        except urllib.error.HTTPError as err:
+            reason = " ".join(err.read().decode(errors="replace").split())[:300]  # one line
+            if err.code < 500:  # a bug in the request or a setting of the server: retrying would not help
+                raise RewardServerError(f"--reward_url {url}: {path} answered {err.code}: {reason}") from None
+            last = f"{err.code}: {reason}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() + wait > deadline:
+            raise RewardServerError(f"--reward_url {url}: {path}: no answer within {timeout:g} s ({what}: {last}); "
+                                    f"{hint}") from None
+        time.sleep(wait)
+        wait = min(wait * 2, 10.0)
+
+
 class RemoteScorer:
     """A scorer (rewards.py's interface: `scorer(videos, prompts, fps)` -> {component: (n,), diagnostic: (n,)})
     that asks reward_server.py at `url`."""
@@ -107,28 +142,7 @@ class RemoteScorer:
         self.url, self.timeout, self.what = url.rstrip("/"), timeout, what
 
     def _request(self, path: str, body: bytes | None = None) -> dict:
-        """One answer of the server, retrying connection errors and 5xx until `timeout` (Deviations 2)."""
-        deadline, wait, last = time.monotonic() + self.timeout, 0.5, None
-        while True:
-            request = urllib.request.Request(self.url + path, data=body, method="POST" if body else "GET",
-                                             headers={"Content-Type": "application/json"})
-            try:
-                # Deviations 2: an attempt may wait until the deadline (a queued request is slow, not lost)
-                with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as answer:
-                    return json.loads(answer.read())
-            except urllib.error.HTTPError as err:
-                reason = err.read().decode(errors="replace").strip()[:300]
-                if err.code < 500:
-                    raise RewardServerError(f"--reward_url {self.url}: {path} answered {err.code}: {reason}") from None
-                last = f"{err.code}: {reason}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
-                last = str(getattr(err, "reason", err))
-            if time.monotonic() + wait > deadline:
-                raise RewardServerError(f"--reward_url {self.url}: no answer within {self.timeout:g} s ({self.what}: "
-                                        f"{last}); start the server (python reward_server.py ...), then run again "
-                                        f"(a run that had started: --resume_from_checkpoint latest)") from None
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
+        return request_json(self.url, path, body, self.timeout, self.what, SERVER_HINT)
 
     def health(self) -> dict:
         return self._request("/health")

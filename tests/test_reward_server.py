@@ -309,7 +309,7 @@ def test_a_server_killed_mid_run_ends_the_run_naming_it_and_latest_resumes_to_th
     stopped_after = time.perf_counter() - killed[0]
     monkeypatch.undo()
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert stop.value.code == 1 and message.startswith(f"train.py: error: --reward_url {url}: no answer within 3 s")
+    assert stop.value.code == 1 and message.startswith(f"train.py: error: --reward_url {url}: /score: no answer within 3 s")
     assert "--resume_from_checkpoint latest" in message
     assert stopped_after < 3 + 5  # the timeout, and step 2's rollout before its reward request
     assert os.listdir(out / "checkpoints") == ["checkpoint-1"]
@@ -336,6 +336,6 @@ def test_a_url_with_nothing_behind_it_fails_in_seconds_naming_it():
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     start = time.perf_counter()
-    with pytest.raises(options.ConfigError, match=f"--reward_url {url}: no answer within 5 s"):
+    with pytest.raises(options.ConfigError, match=f"--reward_url {url}: /health: no answer within 5 s"):
         options.resolve(options.parse_args(["--backbone", "tiny", "--reward_url", url]))
     assert time.perf_counter() - start < 10
