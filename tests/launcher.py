@@ -8,7 +8,8 @@ send_signal(), communicate() -> (stdout text, stderr text), returncode (the scri
 signal). The child sets `env` as its os.environ (RANK, WORLD_SIZE, ... as a launcher would), writes stdout and
 stderr to files the parent reads, optionally runs `before` (a function of this module: a fault to inject), then
 calls the script's cli(argv). What a test checks about a run (its files, exit status, stderr, signals) is the
-same as for `python train.py ...`.
+same as for `python train.py ...`, with one difference: what a module reads from the environment at import
+time keeps the forkserver's value (the tests pass only what the scripts read at run time: RANK, WORLD_SIZE, ...).
 """
 from __future__ import annotations
 
