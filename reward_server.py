@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import torch
 
@@ -209,15 +208,7 @@ def main(args: argparse.Namespace) -> None:
     batcher = Batcher(scorer, device, args.reward_batch_size, args.max_queue)
     limit = int(args.max_request_mb * 2**20)
 
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(remote.JSONHandler):
         def fail(self, code: int, reason: str) -> None:
             self.answer(code, {"error": reason})
 

@@ -49,10 +49,24 @@ import math
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler
 
 import torch
 
 from curriculum import COMPONENTS
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """http.server's request handler with one JSON answer per request: reward_server.py's, and the tests'
+    stand-in for an OpenAI-compatible server."""
+
+    def answer(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class RewardServerError(RuntimeError):

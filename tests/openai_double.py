@@ -43,13 +43,13 @@ import os
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from reward_models import vlm_judge  # noqa: E402  (after the path above)
+from reward_models import remote, vlm_judge  # noqa: E402  (after the path above)
 from reward_models.videoalign import normalize_clip, patchify, resize_for_qwen  # noqa: E402
 
 DATA_URL = "data:video/jpeg;base64,"  # vLLM's frame list: base64 frames joined by commas
@@ -180,15 +180,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     double = Double(parse_serve(args.serve))
 
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(remote.JSONHandler):
         def fail(self, code: int, reason: str) -> None:  # OpenAI's error object
             self.answer(code, {"error": {"message": reason, "type": "BadRequestError", "code": code}})
 
