@@ -5,7 +5,6 @@ a run with --reward_url logs the rewards of the same run without it (two runs sh
 killed mid-run ends the run naming it and `latest` resumes to the uninterrupted run's adapter, a bad request gets
 a 4xx with its reason and the server goes on, one attempt of the client waits until its timeout, and a URL with
 nothing behind it fails in seconds, naming it."""
-import base64
 import io
 import json
 import math
@@ -115,7 +114,7 @@ def test_the_tiny_judge_through_the_server_equals_the_in_process_judge():
 def post(url, body: bytes, path="/score", headers=None):
     """(status, answer) of one request, 4xx included."""
     request = urllib.request.Request(url + path, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/octet-stream", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return answer.status, json.loads(answer.read())
@@ -123,32 +122,45 @@ def post(url, body: bytes, path="/score", headers=None):
         return err.code, json.loads(err.read())
 
 
+RAW = (videos(1) * 255).round().to(torch.uint8).numpy().tobytes()  # one video's uint8 values, C order
+
+
 def good(**changes) -> dict:
-    v = (videos(1) * 255).round().to(torch.uint8)
-    body = {"prompts": PROMPTS[:1], "fps": 8, "shape": list(v.shape),
-            "videos": base64.b64encode(v.numpy().tobytes()).decode()}
-    return {**body, **changes}
+    """The header of one good request (remote.encode's), with `changes`."""
+    return {"prompts": PROMPTS[:1], "fps": 8, "shape": [1, 4, 3, 16, 16], **changes}
+
+
+def wire(header, raw: bytes = RAW) -> bytes:
+    return (header if isinstance(header, bytes) else json.dumps(header).encode()) + b"\n" + raw
 
 
 BAD = [  # (body, status, reason)
-    (b"not json", 400, "not JSON"),
-    (json.dumps([1, 2]).encode(), 400, "must be a JSON object"),
-    (json.dumps({k: v for k, v in good().items() if k != "prompts"}).encode(), 400, "missing prompts"),
-    (json.dumps(good(shape=[1, 4, 3, 16])).encode(), 400, "shape must be [N, F, 3, H, W]"),
-    (json.dumps(good(shape=[1, 4, 4, 16, 16])).encode(), 400, "shape must be [N, F, 3, H, W]"),
-    (json.dumps(good(prompts=PROMPTS[:2])).encode(), 400, "prompts must be a list of 1 strings"),
-    (json.dumps(good(fps=-8)).encode(), 400, "fps must be a positive number"),
-    (json.dumps(good(videos="%%%")).encode(), 400, "not valid base64"),
-    (json.dumps(good(shape=[1, 4, 3, 16, 8])).encode(), 400, "bytes, shape [1, 4, 3, 16, 8] needs 1536"),
-    (json.dumps(good(prompts=[1])).encode(), 400, "prompts must be a list of 1 strings"),
+    (wire(b"not json"), 400, "not JSON"),
+    (wire(b"[1, 2]"), 400, "must be a JSON object"),
+    (wire({k: v for k, v in good().items() if k != "prompts"}), 400, "missing prompts"),
+    (wire(good(shape=[1, 4, 3, 16])), 400, "shape must be [N, F, 3, H, W]"),
+    (wire(good(shape=[1, 4, 4, 16, 16])), 400, "shape must be [N, F, 3, H, W]"),
+    (wire(good(prompts=PROMPTS[:2])), 400, "prompts must be a list of 1 strings"),
+    (wire(good(fps=-8)), 400, "fps must be a positive number"),
+    (json.dumps(good()).encode(), 400, "a JSON header line, a newline, then the uint8 values"),
+    (wire(good(shape=[1, 4, 3, 16, 8])), 400, "video bytes, shape [1, 4, 3, 16, 8] needs 1536"),
+    (wire(good(prompts=[1])), 400, "prompts must be a list of 1 strings"),
 ]
+
+
+def test_the_body_is_the_header_line_and_the_raw_bytes():
+    """remote.encode's body, byte for byte: what a client in another language would write."""
+    assert remote.encode(videos(1), PROMPTS[:1], 8) == wire(good())
+    values, prompts, fps = remote.decode(wire(good()))
+    assert values.numpy().tobytes() == RAW
+    assert (prompts, fps, list(values.shape)) == (PROMPTS[:1], 8.0, [1, 4, 3, 16, 16])
 
 
 @pytest.mark.parametrize("body, status, reason", BAD, ids=[reason for _, _, reason in BAD])
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_goes_on(proxy_server, body, status, reason):
     code, answer = post(proxy_server, body)
     assert code == status and reason in answer["error"] and "\n" not in answer["error"]
-    code, answer = post(proxy_server, json.dumps(good()).encode())  # the next good request is served
+    code, answer = post(proxy_server, wire(good()))  # the next good request is served
     assert code == 200 and len(answer["scores"]) == 1
 
 
@@ -220,7 +232,7 @@ def test_a_scorer_error_fails_only_the_request_at_fault_and_the_server_goes_on(p
     assert good1 == good2 == 200
     assert torch.equal(torch.tensor(answer1["scores"]), in_process(*jobs[0]))
     assert torch.equal(torch.tensor(answer2["scores"]), in_process(*jobs[2]))
-    assert post(proxy_server, json.dumps(good()).encode())[0] == 200
+    assert post(proxy_server, wire(good()))[0] == 200
 
 
 def test_requests_beyond_max_queue_get_503(proxy_server):
