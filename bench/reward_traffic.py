@@ -2,15 +2,16 @@
 bytes on the wire, and the scorer throughput that keeps scoring under 10 % of an iteration.
 
     python bench/reward_traffic.py             # the table in docs/performance.md (CPU, a few seconds, no weights)
-    python bench/reward_traffic.py --measure   # also times the server's decoding of one request (about 1 GB of RAM)
+    python bench/reward_traffic.py --measure   # also times the server's decoding of one request, against the
+                                               # former JSON + base64 body, side by side (about 2 GB of RAM)
 
 What each number comes from (constants below, each with its source):
 - videos per iteration = processes x batch: [SPG] trains Wan2.1-1.3B with G = 16 on 16 GPUs; train.py's default
   batch is one group per process (batch_size = G), so 16 x 16 = 256 videos.
 - requests = processes x ceil(batch / reward_batch_size): rewards.score_batched sends `--reward_batch_size` videos
   (default 2) per request, one request at a time per process.
-- bytes of a request: exactly what remote.encode writes, 4 ceil(n / 3) base64 characters for n uint8 values plus
-  the JSON around them (checked below against remote.encode on a small clip).
+- bytes of a request: exactly what remote.encode writes, the JSON header line, a newline and the n uint8 values
+  (checked below against remote.encode on a small clip).
 - the iteration's model time: FLOPs of one Wan2.1-1.3B forward row counted by torch's FlopCounterMode on the meta
   device (the hub config in models/wan.py, 32,760 video tokens + 512 text tokens), times the rows the preset runs
   (rollout K x batch x 2 CFG rows, anchor means and training K_train x batch x 2 rows, training at 3 forwards),
@@ -54,8 +55,7 @@ LINKS_GBIT = (10, 25, 100)          # Ethernet speeds to the reward machine
 def request_bytes(n_videos: int, frames: int, height: int, width: int) -> int:
     """Length of remote.encode's body for n_videos clips of this size (the prompt above for each)."""
     shape = [n_videos, frames, 3, height, width]
-    around = json.dumps({"prompts": [PROMPT] * n_videos, "fps": FPS, "shape": shape, "videos": ""})
-    return len(around) + 4 * math.ceil(math.prod(shape) / 3)
+    return len(json.dumps({"prompts": [PROMPT] * n_videos, "fps": FPS, "shape": shape})) + 1 + math.prod(shape)
 
 
 def forward_flops() -> float:
@@ -82,17 +82,30 @@ def judge_tokens() -> int:
     return math.ceil(frames / 2) * (h // 28) * (w // 28) + JUDGE_TEXT_TOKENS
 
 
-def measure_decode() -> float:
-    """Seconds remote.decode takes for one request of REWARD_BATCH_SIZE clips (the server's share of a request
-    before scoring; it holds Python's lock, so one server decodes one request at a time)."""
-    raw = bytes(REWARD_BATCH_SIZE * FRAMES * 3 * HEIGHT * WIDTH)
-    body = json.dumps({"prompts": [PROMPT] * REWARD_BATCH_SIZE, "fps": FPS,
-                       "shape": [REWARD_BATCH_SIZE, FRAMES, 3, HEIGHT, WIDTH],
-                       "videos": base64.b64encode(raw).decode("ascii")}).encode()
+def json_base64_decode(body: bytes) -> torch.Tensor:
+    """The former POST /score body's decoding (the videos in base64 inside one JSON object), for comparison."""
+    request = json.loads(body)
+    raw = base64.b64decode(request["videos"], validate=True)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(*request["shape"])
+
+
+def measure_decode(rounds: int = 3) -> tuple[float, float]:
+    """Seconds (best of `rounds`, the two interleaved) that remote.decode and the former JSON + base64 decoding take
+    for one request of REWARD_BATCH_SIZE clips: the server's share of a request before scoring (it holds Python's
+    lock, so one server decodes one request at a time)."""
+    shape = [REWARD_BATCH_SIZE, FRAMES, 3, HEIGHT, WIDTH]
+    raw = bytes(math.prod(shape))
+    binary = remote.encode(torch.zeros(shape), [PROMPT] * REWARD_BATCH_SIZE, FPS)
+    former = json.dumps({"prompts": [PROMPT] * REWARD_BATCH_SIZE, "fps": FPS, "shape": shape,
+                         "videos": base64.b64encode(raw).decode("ascii")}).encode()
     del raw
-    start = time.perf_counter()
-    remote.decode(body)
-    return time.perf_counter() - start
+    times = {"binary": [], "json": []}
+    for _ in range(rounds):
+        for name, decode, body in (("binary", remote.decode, binary), ("json", json_base64_decode, former)):
+            start = time.perf_counter()
+            decode(body)
+            times[name].append(time.perf_counter() - start)
+    return min(times["binary"]), min(times["json"])
 
 
 def main() -> None:
@@ -118,8 +131,8 @@ def main() -> None:
     print(f"| videos per iteration | {videos} | {PROCESSES} processes x {BATCH} |")
     print(f"| reward requests per iteration | {requests} | {PROCESSES} x ceil({BATCH} / {REWARD_BATCH_SIZE}) |")
     print(f"| one video as uint8 | {video_bytes / 1e6:.1f} MB | {FRAMES} x 3 x {HEIGHT} x {WIDTH} bytes |")
-    print(f"| one request on the wire | {per_request / 1e6:.1f} MB | base64 (4/3) of {REWARD_BATCH_SIZE} videos + "
-          f"JSON ({per_request - 4 * math.ceil(REWARD_BATCH_SIZE * video_bytes / 3)} B) |")
+    print(f"| one request on the wire | {per_request / 1e6:.1f} MB | {REWARD_BATCH_SIZE} videos + the JSON header "
+          f"({per_request - REWARD_BATCH_SIZE * video_bytes} B) |")
     print(f"| one iteration on the wire | {per_iteration / 1e9:.1f} GB | {requests} requests; the answers are "
           f"~100 B each |")
     for gbit in LINKS_GBIT:
@@ -143,10 +156,11 @@ def main() -> None:
               f"{per_iteration * 8 / budget / 1e9:.2f} Gbit/s | {videos / budget * judge_per_video / 1e12:.0f} "
               f"TFLOP/s |")
     if args.measure:
-        seconds = min(measure_decode() for _ in range(3))
-        print(f"\nremote.decode of one request ({per_request / 1e6:.0f} MB): {seconds:.2f} s (best of 3), "
-              f"{per_request / seconds / 1e9:.2f} GB/s; one iteration's {requests} requests: "
-              f"{requests * seconds:.0f} s of the server's CPU")
+        binary, former = measure_decode()
+        print(f"\nremote.decode of one request ({per_request / 1e6:.0f} MB): {binary:.2f} s (best of 3, interleaved); "
+              f"the former JSON + base64 body of the same videos: {former:.2f} s; ratio {former / binary:.1f}x. "
+              f"One iteration's {requests} requests: {requests * binary:.0f} s of the server's CPU "
+              f"(was {requests * former:.0f} s)")
 
 
 if __name__ == "__main__":
