@@ -704,3 +704,10 @@ def test_the_lora_targets_and_the_window_range_are_part_of_the_run_identity():
     assert identity(make("--sde_window_range", "0,2")) != identity(make("--sde_window_range", "1,3"))
 
 
+def test_scores_read_through_a_chat_api_are_part_of_the_run_identity_and_a_reward_servers_url_is_not():
+    from dataclasses import replace
+
+    cfg = options.parse_args(["--backbone", "tiny", "--reward", "vlm"])
+    identity = lambda **kw: checkpoint.run_identity(replace(cfg, **kw), 1, "no", ["p"], ["v"])  # noqa: E731
+    assert identity() == identity(reward_url="http://a:8008") == identity(reward_url="http://b:9000")
+    assert identity() != identity(reward_url="http://judge:8000/v1")  # top-20 log-probs: other scores

@@ -397,7 +397,14 @@ def run_identity(cfg, num_processes: int, mixed_precision: str, train_prompts: l
     laid_out = cfg.lr_scheduler not in ("constant", "constant_with_warmup") or (
         cfg.sde_window and cfg.sde_window_start == "sliding")
     length = cfg.max_steps if laid_out else None
-    return {**{k: getattr(cfg, k) for k in RUN_FIELDS}, "max_steps": length, "num_processes": num_processes,
+    # Where the scores come from matters where it changes them: the judge read through an OpenAI-compatible server's
+    # top-20 log-probs is not the in-process one (reward_models/openai_judge.py Deviations 4); reward_server.py's
+    # scores are (its URL may change between a run and its resume).
+    from reward_models.openai_judge import is_openai_url
+
+    chat_api = cfg.reward_url is not None and is_openai_url(cfg.reward_url)
+    return {**{k: getattr(cfg, k) for k in RUN_FIELDS}, "max_steps": length, "reward_chat_api": chat_api,
+            "num_processes": num_processes,
             "mixed_precision": mixed_precision, "prompts_sha256": _sha("\n".join(train_prompts).encode()),
             "validation_prompts_sha256": _sha("\n".join(val_prompts).encode()), "rubric_sha256": rubric}
 
@@ -621,7 +628,8 @@ def _option(key: str) -> str:
     """The command-line name a user would change for an identity key."""
     names = {"prompts_sha256": "--prompts (file contents)", "validation_prompts_sha256": "--validation_prompts "
              "(file contents)", "rubric_sha256": "--reward_prompt_template (file contents)",
-             "num_processes": "the number of processes", "mixed_precision": "--mixed_precision"}
+             "num_processes": "the number of processes", "mixed_precision": "--mixed_precision",
+             "reward_chat_api": "--reward_url (an OpenAI-compatible /v1 judge server or not)"}
     return names.get(key, f"--{key}")
 
 
