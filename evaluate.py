@@ -24,8 +24,9 @@ Deviations / choices
    distribution, and treating the P S videos as independent would understate the SE.
 2. Every row samples with the backbone preset's settings (ODE, K, guidance, shift, clip size) and one sampler
    (`--ode_solver`, `--ode_steps`, as sample.py's: by default Euler on the training grid; `pipeline` as the
-   backbone's diffusers pipeline samples), the one protocol for all rows, whatever each run was trained with; the base weights are the runs' (their
-   --pretrained, or for the random tiny backbones their --seed, which must agree).
+   backbone's diffusers pipeline samples), the one protocol for all rows, whatever each run was trained with;
+   the base weights are the runs' (their --pretrained, or for the random tiny backbones their --seed, which must
+   agree).
 3. Video (p, s) starts from rollout_generators(s, VALIDATION, p, 1): the video `sample.py --seed s` makes
    for prompt p of the same file.
 4. Videos are scored as they are made (`--batch_size` at a time) and dropped: memory stays bounded whatever

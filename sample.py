@@ -13,9 +13,9 @@ run's validation prompts in their order with the run's --seed reproduces its `sa
 Deviations / choices
 1. Settings come from the command line, else from the run the weights belong to (its recorded num_steps,
    guidance, shift, clip size, fps, and the solver its validation used: --ode_solver, W + M calls), else from
-   the backbone preset: `--lora RUN` alone samples as the run
-   validated. The random-weight backbones (tiny, small, tiny-wan) are drawn from the run's --seed, the base
-   the adapter was trained on; without a run, from --seed.
+   the backbone preset: `--lora RUN` alone samples as the run validated. The random-weight backbones (tiny,
+   small, tiny-wan) are drawn from the run's --seed, the base the adapter was trained on; without a run, from
+   --seed.
 2. One writer for all videos (logs.save_videos): a GIF always, an MP4 beside it when imageio-ffmpeg is
    installed, so sample.py's files compare exactly with the run's own validation GIFs.
 3. Weights are bf16 under `--mixed_precision bf16` (accelerate's setting) and float32 otherwise, the rule of
@@ -49,7 +49,7 @@ import torch
 import sde
 from models import backbones
 from training import checkpoint, export, parallel
-from training.options import ConfigError, read_prompts, run_command
+from training.options import ConfigError, read_prompts, run_command, validation_calls
 
 SETTINGS = ("num_frames", "height", "width", "fps", "num_steps", "guidance", "shift", "micro_batch_size")
 
@@ -164,8 +164,8 @@ def check(args: argparse.Namespace):
         raise ConfigError(f"--sde {args.sde} --eta {eta} --num_steps {settings['num_steps']}: {err}") from None
     if args.ode_solver is None and args.sde == "ode":  # Deviations 1: as the run validated (its solver, W + M calls)
         args.ode_solver = run.get("ode_solver") or "euler"
-        if args.ode_steps is None and run.get("ode_steps") is not None and settings["num_steps"] == run.get("num_steps"):
-            args.ode_steps = min(run["num_steps"], run["sde_window"] + run["ode_steps"])  # options.validation_calls
+        if args.ode_steps is None and settings["num_steps"] == run.get("num_steps"):
+            args.ode_steps = validation_calls(run)
     args.ode_solver = args.ode_solver or "euler"
     check_solver(args, settings["num_steps"])
     return weights, prompts, settings, eta

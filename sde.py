@@ -89,7 +89,7 @@ Deviations / choices
    shared among the runs in proportion to their lengths (`ode_calls`).
    - Which points: quadratically spaced in step index, denser toward the run's end (DDIM's "quad" skip). The
      shifted training grid takes its largest steps at low noise, where the path bends most; evenly spaced points
-     (the pipeline's own spacing) left UniPC at M = K/3 2-3x less accurate than Euler with K steps, the quadratic
+     (the pipeline's own spacing) left UniPC at M = K/3 1.7-4x less accurate than Euler with K steps, the quadratic
      ones make it about as accurate or better (bench/ode_accuracy.py; README table).
    - "euler" is the plain Euler step of the ODE on that coarser grid (with one call per step it is today's
      rollout exactly); "unipc" is diffusers' UniPCMultistepScheduler (Wan2.1's own sampler, flow sigmas, shift

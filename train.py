@@ -420,7 +420,7 @@ def validation(tag, cfg, accelerator, lay, cp_group, family_module, backbone, mo
     with torch.no_grad():
         traj = backbones.sample(family_module, model, prompt_cache([prompts[i] for i in rows]), negative,
                                 backbones.initial_noise(gens, latent, device), gens, sigmas, "ode", 0.0, cfg.guidance,
-                                cfg.micro_batch_size, ode_solver=cfg.ode_solver, ode_steps=options.validation_calls(cfg))
+                                cfg.micro_batch_size, ode_solver=cfg.ode_solver, ode_steps=options.validation_calls(vars(cfg)))
         videos = family_module.decode(backbone, traj.latents[:, -1])[: len(mine)]  # (n, F, 3, H, W), padding dropped
     s = parallel.share_scores(lambda v, p: score(scorer, v, p, cfg, device), videos, [prompts[i] for i in mine], lay,
                               cp_group)[0].tolist() if mine else []

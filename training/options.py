@@ -406,10 +406,10 @@ def check_solver(cfg: Config, stochastic) -> None:
             raise ConfigError(f"--ode_steps {cfg.ode_steps} with the window at stochastic step {start}: {err}") from None
 
 
-def validation_calls(cfg: Config) -> Optional[int]:
+def validation_calls(run: dict) -> Optional[int]:
     """The model calls of a validation video's K-step ODE with --ode_steps M: W + M, what a rollout costs (None:
-    one per step)."""
-    return None if cfg.ode_steps is None else min(cfg.num_steps, cfg.sde_window + cfg.ode_steps)
+    one per step). `run`: a run's options (vars(cfg), or the ones a run recorded: sample.py)."""
+    return None if run.get("ode_steps") is None else min(run["num_steps"], run["sde_window"] + run["ode_steps"])
 
 
 def window_range(cfg: Config, k_stochastic: int) -> Optional[str]:
