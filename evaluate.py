@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     sample.add_solver_options(p)
     p.add_argument("--ulysses_degree", type=int, default=1,
                    help="context parallelism, as train.py's: U processes share each video (training/parallel.py)")
-    p.add_argument("--ring_degree", type=int, default=1, help="context parallelism by ring attention (GPU only)")
+    p.add_argument("--ring_degree", type=int, default=1,
+                   help="context parallelism by ring attention (training/parallel.py Deviations 6)")
     p.add_argument("--output_dir", required=True)
     return p.parse_args(argv)
 
@@ -153,7 +154,8 @@ def main(args: argparse.Namespace) -> dict:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     # [dist] with --ulysses_degree / --ring_degree, groups of U x R processes sample and score the same videos
     lay = parallel.layout(rank, world, args.ulysses_degree, args.ring_degree)
-    problem = parallel.launch_problem(world, args.ulysses_degree, args.ring_degree, device.type)
+    problem = parallel.launch_problem(world, args.ulysses_degree, args.ring_degree, device.type,
+                                      backbones.module(args.backbone).CP_PLAN)
     if problem:
         raise ConfigError(problem)
     os.makedirs(args.output_dir, exist_ok=True)

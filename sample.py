@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_solver_options(p)
     p.add_argument("--ulysses_degree", type=int, default=1,
                    help="context parallelism, as train.py's: U processes share each video (training/parallel.py)")
-    p.add_argument("--ring_degree", type=int, default=1, help="context parallelism by ring attention (GPU only)")
+    p.add_argument("--ring_degree", type=int, default=1,
+                   help="context parallelism by ring attention (training/parallel.py Deviations 6)")
     p.add_argument("--output_dir", required=True)
     return p.parse_args(argv)
 
@@ -245,7 +246,8 @@ def main(args: argparse.Namespace) -> list[str]:
     rank, world = accelerator.process_index, accelerator.num_processes
     # [dist] with --ulysses_degree / --ring_degree, groups of U x R processes sample the same videos together
     lay = parallel.layout(rank, world, args.ulysses_degree, args.ring_degree)
-    problem = parallel.launch_problem(world, args.ulysses_degree, args.ring_degree, accelerator.device.type)
+    problem = parallel.launch_problem(world, args.ulysses_degree, args.ring_degree, accelerator.device.type,
+                                      backbones.module(args.backbone).CP_PLAN)
     if problem:
         raise ConfigError(problem)
     os.makedirs(args.output_dir, exist_ok=True)

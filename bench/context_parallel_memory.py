@@ -8,8 +8,12 @@ videos per group, micro-batch 1 with CFG, and U = 1, 2, 4, 8 processes per video
 checkpointed and with none; then full fine-tuning under FSDP2 on 8 and 64 GPUs (the trained state, 16 B per
 parameter, sharded over all of them: training/parallel.py Deviations 4), every block checkpointed. A floor, not a
 prediction: the VAE, the reward model, FSDP's gathered block weights and allocator slack come on top
-(docs/performance.md). Also the Ulysses all-to-all bytes per forward and process, 4 x S x D x 2 bytes x (U - 1) /
-U^2 per block."""
+(docs/performance.md). Also the bytes each process receives per forward, with C = U processes per video split
+by Ulysses (4 all-to-alls: q, k, v and the output, 4 x S x D x 2 bytes x (U - 1) / U^2 per block) and with C = R
+split by ring attention (the ring's keys and values gathered: 2 x S x D x 2 bytes x (R - 1) / R per block; both
+diffusers' ring for Wan2.1 and models/hunyuan.py's). The backward moves as much again. The memory floors are the
+same for both splits (1/C of the tokens per process); ring attention holds one block's gathered keys and values
+on top, transiently."""
 import os
 import sys
 import tempfile
@@ -23,8 +27,8 @@ GiB = 2**30
 SETTINGS = [("hunyuan15", hunyuan, dict(task_type="t2v"), 121), ("wan21-14b", wan, wan.REAL_TRANSFORMER["wan21-14b"], 81)]
 
 with tempfile.TemporaryDirectory() as root:
-    print(f"{'backbone':<11} {'clip':<16} {'tokens':>8} {'U':>2} {'checkpointed: floor':>21} {'none: floor':>12} "
-          f"{'all-to-all / forward':>21}")
+    print(f"{'backbone':<11} {'clip':<16} {'tokens':>8} {'C':>2} {'checkpointed: floor':>21} {'none: floor':>12} "
+          f"{'Ulysses: received / forward':>28} {'ring: received / forward':>25}")
     for name, family, config, frames in SETTINGS:
         folder = os.path.join(root, name)
         with torch.device("meta"):   # the config only: every shape, no memory
@@ -43,9 +47,12 @@ with tempfile.TemporaryDirectory() as root:
                     dtype=torch.bfloat16, gradient_checkpointing=checkpointing, checkpointed_blocks=None,
                     context_parallel=U)
                 floors.append(e.total / GiB)
-            moved = 4 * S * D * 2 * (U - 1) / U**2 * blocks * 2 / 1e9   # x 2: CFG doubles the rows of a forward
+            ulysses = 4 * S * D * 2 * (U - 1) / U**2 * blocks * 2 / 1e9   # x 2: CFG doubles the rows of a forward
+            ring = 2 * S * D * 2 * (U - 1) / U * blocks * 2 / 1e9   # the same C processes as a ring
             print(f"{name:<11} {f'{frames} x 720 x 1280':<16} {S:>8,} {U:>2} {floors[0]:>17.1f} GiB {floors[1]:>8.1f} GiB "
-                  f"{moved:>17.1f} GB")
+                  f"{ulysses:>24.1f} GB {ring:>21.1f} GB")
+        gathered = 2 * S * D * 2 * 2 / GiB   # keys and values of every token, bf16, the two CFG rows
+        print(f"{name:<11} ring attention: one block's gathered keys and values, on top of the floor: {gathered:.1f} GiB")
 
     print(f"\nfull fine-tuning, FSDP2 over all GPUs, every block checkpointed:\n{'backbone':<11} {'clip':<16} "
           f"{'U':>2} {'8 GPUs: floor':>15} {'64 GPUs: floor':>16}")

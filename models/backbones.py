@@ -362,9 +362,6 @@ def check_context_parallel(name: str, folder: str | None, *, num_frames: int, he
     if (family.CP_PLAN or getattr(type(model), "_cp_plan", None)) is None:
         raise ValueError(f"--backbone {name}: {family.FAMILY}'s transformer has no context-parallel plan "
                          f"(training/parallel.py): leave --ulysses_degree and --ring_degree at 1")
-    if family.CP_PLAN is not None and ring_degree > 1:   # the family's own plan and attention are Ulysses only
-        raise ValueError(f"--ring_degree {ring_degree}: {family.FAMILY}'s context parallelism is Ulysses only "
-                         f"(its module's Deviations): use --ulysses_degree")
     heads = model.config.num_attention_heads
     if heads % ulysses_degree:
         raise ValueError(f"--ulysses_degree {ulysses_degree} must divide the {heads} attention heads of --backbone "

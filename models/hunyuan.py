@@ -50,11 +50,19 @@ Deviations / choices:
    (N, 1, S, S) boolean mask per block, which rules out the flash kernels; the velocity is the same
    (tested against diffusers' processor, values and LoRA gradients).
 10. Context parallelism (training/parallel.py) with a plan written here (CP_PLAN; diffusers 0.42.1 has none for
-   this transformer) and Ulysses attention written in ValidTokenAttnProcessor (`_ulysses`), because the joint
-   attention mixes a split stream (the video tokens) with a whole one (the text on every process), which
-   diffusers' Ulysses (every input a sequence shard) would repeat U times. The all-to-alls are torch's
-   differentiable ones; the text output is gathered over the heads by `_GatherHeads`, whose backward sums the
-   processes' partial gradients. Ulysses only: ring attention is refused for this family.
+   this transformer) and Ulysses and ring attention written in ValidTokenAttnProcessor (`_split`), because the
+   joint attention mixes a split stream (the video tokens) with a whole one (the text on every process), which
+   diffusers' templates (every input a sequence shard) would count U x R times. The all-to-alls are torch's
+   differentiable ones; the text output is gathered over the heads by `_Gather`, whose backward sums the
+   processes' partial gradients. The ring gathers the video keys and values of the ring group (`_Gather` over
+   the tokens) and runs one attention over [all video; text]: the text keys count once, on every process.
+   diffusers' ring all-gathers the same keys and values (the same bytes and memory) and then merges per-chunk
+   attentions by their log-sum-exp; with the text on every process its chunks would be uneven, and its
+   uneven variant (`ring_anything`) has no backward in 0.42.1. One attention over the gathered keys gives the
+   same result in one kernel call and needs no log-sum-exp, so it runs on every backend, CPU included. One
+   difference in memory: without gradient checkpointing the attention keeps the gathered keys and values for
+   its backward (R x a shard's), where diffusers' ring keeps its shard and gathers again in the backward; under
+   checkpointing, which long clips need anyway, both hold one block's gathered keys and values at a time.
 
 Test: `python -m pytest tests/test_hunyuan.py -q` (CPU, tiny backbone, about 10 s on 2 idle cores).
 """
@@ -87,7 +95,7 @@ ATTENTION_PROCESSORS = ("diffusers", "valid")   # diffusers' masked processor, o
 # Context parallelism (training/parallel.py): diffusers 0.42.1 has no plan for this transformer, so here is one.
 # The video tokens enter the first block split along the sequence, with their rotary tables; the text stream
 # stays whole on every process; the output projection gathers the video tokens. The joint attention itself is
-# ValidTokenAttnProcessor's Ulysses path (`_ulysses`), which handles the whole text stream (Deviation 10).
+# ValidTokenAttnProcessor's Ulysses and ring path (`_split`), which handles the whole text stream (Deviation 10).
 CP_PLAN = {
     "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
              1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},
@@ -452,7 +460,7 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if self._parallel_config is not None:   # context parallelism: this process holds a shard of the video
-            return self._ulysses(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self._split(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # Projections, QK-norm and rotary embedding on the video stream: as in diffusers' processor.
         query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
                              for proj in (attn.to_q, attn.to_k, attn.to_v))   # (N, V, heads, head_dim)
@@ -481,55 +489,64 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
         return hidden_states, attn.to_add_out(encoder_hidden_states)
 
 
-    def _ulysses(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
-        """Ulysses attention over the joint sequence (Deviation 10). This process holds 1/U of the video tokens
-        (split by CP_PLAN) and the whole text stream. The video q, k, v go through an all-to-all from "my tokens,
-        all heads" to "all tokens, my heads"; the text's are sliced to my heads (every process holds them whole);
-        then the same valid-prefix attention as above runs on my heads, the video output goes back by the inverse
-        all-to-all and the text output is gathered over the heads. diffusers' Ulysses would split the text too
-        (its all-to-all assumes every input is a sequence shard), so this part is written here."""
+    def _split(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+        """Ulysses and ring attention over the joint sequence (Deviation 10). This process holds 1/(U x R) of the
+        video tokens (split by CP_PLAN) and the whole text stream.
+        - Ulysses (U > 1): the video q, k, v go through an all-to-all from "my tokens, all heads" to "the U shards
+          of my Ulysses group, my heads"; the text's are sliced to my heads (every process holds them whole).
+        - Ring (R > 1): the video k, v of the ring group's R processes are gathered, so my queries see every video
+          key once; the text's keys are appended once.
+        Then the same valid-prefix attention as above runs: my video queries and all text queries over all video
+        keys and the valid text keys. The video output goes back by the inverse all-to-all; the text output, the
+        same on every process of a ring, is gathered over the heads of the Ulysses group."""
         import torch.distributed.nn.functional as dist_fn
 
         config = self._parallel_config.context_parallel_config
-        group, U, rank = config._ulysses_mesh.get_group(), config.ulysses_degree, config._ulysses_local_rank
+        U, R = config.ulysses_degree, config.ring_degree
         query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
-                             for proj in (attn.to_q, attn.to_k, attn.to_v))   # (N, V/U, heads, head_dim)
+                             for proj in (attn.to_q, attn.to_k, attn.to_v))   # (N, V/(U R), heads, head_dim)
         query, key = attn.norm_q(query), attn.norm_k(key)
         if image_rotary_emb is not None:   # the rotary tables of my tokens (split by CP_PLAN)
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         N, V_local, H, D = query.shape
-        h = H // U   # my heads: rank * h .. (rank + 1) * h
+        h = H // U   # my heads: rank * h .. (rank + 1) * h of the Ulysses group
+        if U > 1:
+            group, rank = config._ulysses_mesh.get_group(), config._ulysses_local_rank
 
-        def tokens_to_heads(x):   # (N, V/U, H, D) -> (N, V, H/U, D)
-            x = x.reshape(N, V_local, U, h, D).permute(2, 0, 1, 3, 4).contiguous()   # (U: their heads, ...)
-            x = dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)   # (U: their tokens, ...)
-            return x.permute(1, 0, 2, 3, 4).reshape(N, U * V_local, h, D)
+            def tokens_to_heads(x):   # (N, V/(U R), H, D) -> (N, V/R, H/U, D)
+                x = x.reshape(N, V_local, U, h, D).permute(2, 0, 1, 3, 4).contiguous()   # (U: their heads, ...)
+                x = dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)   # (U: their tokens, ...)
+                return x.permute(1, 0, 2, 3, 4).reshape(N, U * V_local, h, D)
 
-        def heads_to_tokens(x):   # (N, V, H/U, D) -> (N, V/U, H, D)
-            x = x.reshape(N, U, V_local, h, D).permute(1, 0, 2, 3, 4).contiguous()   # (U: their tokens, ...)
-            x = dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)   # (U: their heads, ...)
-            return x.permute(1, 2, 0, 3, 4).reshape(N, V_local, H, D)
-
-        query, key, value = tokens_to_heads(query), tokens_to_heads(key), tokens_to_heads(value)
+            query, key, value = tokens_to_heads(query), tokens_to_heads(key), tokens_to_heads(value)
+        if R > 1:   # every video key and value of the ring, in ring order (attention does not depend on it)
+            ring = config._ring_mesh.get_group()
+            key, value = _Gather.apply(key, ring, R, 1), _Gather.apply(value, ring, R, 1)   # (N, V, H/U, D)
+        V_query, V_key = query.shape[1], key.shape[1]
         T = 0
         if encoder_hidden_states is not None:   # the text stream, whole on every process: my heads of it
             T = encoder_hidden_states.shape[1]
-            e_query, e_key, e_value = _text_qkv(attn, encoder_hidden_states)
-            mine = slice(rank * h, (rank + 1) * h)
+            mine = slice(config._ulysses_local_rank * h, (config._ulysses_local_rank + 1) * h)
             query, key, value = (torch.cat([x, e[:, :, mine]], dim=1) for x, e in
-                                 ((query, e_query), (key, e_key), (value, e_value)))   # (N, V + T, H/U, D)
+                                 zip((query, key, value), _text_qkv(attn, encoder_hidden_states)))
         out = query.new_zeros(query.shape)
-        for rows, length in self._row_groups(attention_mask, query.shape[1]):
-            out[rows, :length] = dispatch_attention_fn(
-                query[rows, :length], key[rows, :length], value[rows, :length], attn_mask=None, dropout_p=0.0,
-                is_causal=False, backend=self._attention_backend).to(out.dtype)
-        video = heads_to_tokens(out[:, : out.shape[1] - T]).flatten(2, 3)   # (N, V/U, H * D)
-        video = attn.to_out[1](attn.to_out[0](video))
+        for rows, valid in self._row_groups(attention_mask, T):   # (rows, their valid text tokens)
+            out[rows, :V_query + valid] = dispatch_attention_fn(
+                query[rows, :V_query + valid], key[rows, :V_key + valid], value[rows, :V_key + valid],
+                attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend).to(out.dtype)
+        video = out[:, :V_query]   # (N, V/R, H/U, D)
+        if U > 1:   # (N, V/R, H/U, D) -> (N, V/(U R), H, D)
+            video = video.reshape(N, U, V_local, h, D).permute(1, 0, 2, 3, 4).contiguous()   # (U: their tokens)
+            video = dist_fn.all_to_all_single(torch.empty_like(video), video, group=group)   # (U: their heads)
+            video = video.permute(1, 2, 0, 3, 4).reshape(N, V_local, H, D)
+        video = attn.to_out[1](attn.to_out[0](video.flatten(2, 3)))   # (N, V/(U R), H * D)
         if encoder_hidden_states is None:
             return video, None
-        text = _GatherHeads.apply(out[:, -T:], group, U).flatten(2, 3)   # (N, T, H * D), the same everywhere
-        return video, attn.to_add_out(text)
+        text = out[:, V_query:]
+        if U > 1:
+            text = _Gather.apply(text, group, U, 2)   # (N, T, H, D), the same on every process
+        return video, attn.to_add_out(text.flatten(2, 3))
 
 
 def _text_qkv(attn, encoder_hidden_states):
@@ -543,27 +560,29 @@ def _text_qkv(attn, encoder_hidden_states):
     return e_query, e_key, e_value
 
 
-class _GatherHeads(torch.autograd.Function):
-    """All-gather of the text output over the heads (dim 2). Backward: the processes' gradients of the gathered
-    tensor are partial sums (each saw its heads' share of the attention), so they are summed over the group
-    before each process takes its own heads (Deviation 10)."""
+class _Gather(torch.autograd.Function):
+    """All-gather over a process group along `dim`: the text output over the heads (dim 2), the ring's video keys
+    and values over the tokens (dim 1). Backward: the processes' gradients of the gathered tensor are partial
+    sums (each process's own tokens' share of the loss), so each process receives the group's sum of its own part
+    (a reduce-scatter; Deviation 10)."""
 
     @staticmethod
-    def forward(ctx, x, group, size):
+    def forward(ctx, x, group, size, dim):
         import torch.distributed as dist
 
-        ctx.group, ctx.size, ctx.rank = group, size, dist.get_rank(group)
+        ctx.group, ctx.size, ctx.rank, ctx.dim = group, size, dist.get_rank(group), dim
         parts = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=2)
+        return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
         import torch.distributed as dist
 
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(ctx.size, dim=2)[ctx.rank], None, None
+        parts = grad.movedim(ctx.dim, 0).contiguous()   # the processes' parts, one after another
+        mine = parts.new_empty(parts.shape[0] // ctx.size, *parts.shape[1:])
+        dist.reduce_scatter_tensor(mine, parts, group=ctx.group)   # the sum over the group of my part
+        return mine.movedim(0, ctx.dim), None, None, None
 
 
 def _as_index(rows: list[int], device) -> slice | torch.Tensor:

@@ -1,6 +1,6 @@
-"""Context parallelism (training/parallel.py): two gloo processes sharing one set of videos through Ulysses
-attention (diffusers' for Wan2.1, models/hunyuan.py's for HunyuanVideo-1.5) train what one process training the
-same batch does, resume exactly, and each process's transformer computes half of every video's tokens. Bad
+"""Context parallelism (training/parallel.py): two gloo processes sharing one set of videos through Ulysses or
+ring attention (diffusers' for Wan2.1, models/hunyuan.py's for HunyuanVideo-1.5) train what one process training
+the same batch does, resume exactly, and each process's transformer computes half of every video's tokens. Bad
 combinations fail before any model loads."""
 import json
 import os
@@ -73,38 +73,46 @@ def adapter_difference(a, b) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["tiny-wan", "tiny"])
-def test_ulysses_over_two_processes_trains_what_one_process_does_and_resumes_exactly(tmp_path, backbone):
-    """tiny-wan: diffusers' plan and Ulysses attention; tiny: HunyuanVideo-1.5's classes with models/hunyuan.py's
-    plan and joint-sequence Ulysses (the valid-token processor). The resume is checked on tiny-wan."""
+def test_ulysses_or_ring_over_two_processes_trains_what_one_process_does_and_resumes_exactly(tmp_path, backbone):
+    """tiny-wan: diffusers' plan, Ulysses and ring attention (the ring on CPU through parallel.py Deviations 6);
+    tiny: HunyuanVideo-1.5's classes with models/hunyuan.py's plan and joint-sequence Ulysses and ring (the
+    valid-token processor). The resume is checked on tiny-wan under Ulysses."""
     one_metrics, one_samples = train(tmp_path / "one", "--backbone", backbone)
-    two_metrics, two_samples = train(tmp_path / "two", "--backbone", backbone, "--ulysses_degree", 2,
-                                     "--checkpointing_steps", 1, processes=2)
-    # the same videos: every reward and advantage equal to float32 round-off (the rollout latents decide them,
-    # and the sharded attention sums in another order), each sample once in the log
-    for a, b in zip(one_samples, two_samples, strict=True):
-        assert a["prompt"] == b["prompt"]
-        assert torch.allclose(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=0, atol=1e-6)
-        # an advantage divides by its group's reward spread (std 2.9e-3 here), so it carries ~350 x the difference
-        assert torch.allclose(torch.tensor(a["advantage"]), torch.tensor(b["advantage"]), rtol=0, atol=1e-4)
-    for a, b in zip(one_metrics, two_metrics):
-        assert b["train/first_ratio_dev"] == 0.0  # on-policy: the ratio is exactly 1 under context parallelism
-        assert b["cp/tokens_per_process"] * 2 == TOKENS[backbone]  # each process computes half of the tokens
-        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
-    # The reward reads 8-bit frames (rewards.py Deviations 5): float32 round-off can move a frame value across a
-    # level, which the small reward spread (above) amplifies; measured 1.4e-5 on tiny-wan
-    difference = adapter_difference(tmp_path / "one", tmp_path / "two")
-    print(f"{backbone}: adapter max |difference| {difference:.2e}")
-    assert difference < 5e-5
+    for split in ("--ulysses_degree", "--ring_degree"):
+        out = tmp_path / split.strip("-")
+        two_metrics, two_samples = train(out, "--backbone", backbone, split, 2, "--checkpointing_steps", 1,
+                                         processes=2)
+        # the same videos: every reward and advantage equal to float32 round-off (the rollout latents decide them,
+        # and the sharded attention sums in another order), each sample once in the log. The reward reads 8-bit
+        # frames (rewards.py Deviations 5): round-off that moves one pixel across a level moves a score by 1.6e-6
+        # (measured on tiny), so the bound is a few levels, not round-off itself
+        for a, b in zip(one_samples, two_samples, strict=True):
+            assert a["prompt"] == b["prompt"]
+            assert torch.allclose(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=0, atol=1e-5)
+            # an advantage divides by its group's reward spread (std 2.9e-3 here): ~350 x the difference
+            assert torch.allclose(torch.tensor(a["advantage"]), torch.tensor(b["advantage"]), rtol=0, atol=1e-4)
+        for a, b in zip(one_metrics, two_metrics):
+            assert b["train/first_ratio_dev"] == 0.0  # on-policy: the ratio is exactly 1 under context parallelism
+            assert b["cp/tokens_per_process"] * 2 == TOKENS[backbone]  # each process computes half of the tokens
+            # the gradient is linear in the advantages, which carry the reward's 8-bit level crossings (above)
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+        # Adam divides each step by its gradient's running size, which turns round-off in near-zero gradient entries
+        # into weight differences of a fraction of a step (lr 3e-4 per entry and update): measured 2.5e-5 to
+        # 3.4e-5 on tiny-wan (scores equal to the bit), 2.5e-7 on tiny. A shard's missing contribution would move
+        # entries by whole steps; a gradient scaled wrongly shows in grad_norm above (Adam's step does not see it)
+        difference = adapter_difference(tmp_path / "one", out)
+        print(f"{backbone} {split} 2: adapter max |difference| {difference:.2e}")
+        assert difference < 1e-4
 
     if backbone != "tiny-wan":
         return
     # resumed from its first checkpoint, the run makes its second iteration again, bit for bit
-    shutil.copytree(tmp_path / "two", tmp_path / "uninterrupted")
-    resumed_metrics, _ = train(tmp_path / "two", "--backbone", backbone, "--ulysses_degree", 2, "--checkpointing_steps",
-                               1, "--resume_from_checkpoint", tmp_path / "two" / "checkpoints" / "checkpoint-1",
-                               processes=2)
-    assert adapter_difference(tmp_path / "uninterrupted", tmp_path / "two") == 0.0
-    assert [r["kl/pos"] for r in resumed_metrics] == [r["kl/pos"] for r in two_metrics]
+    run = tmp_path / "ulysses_degree"
+    shutil.copytree(run, tmp_path / "uninterrupted")
+    resumed_metrics, _ = train(run, "--backbone", backbone, "--ulysses_degree", 2, "--checkpointing_steps", 1,
+                               "--resume_from_checkpoint", run / "checkpoints" / "checkpoint-1", processes=2)
+    assert adapter_difference(tmp_path / "uninterrupted", run) == 0.0
+    assert [r["kl/pos"] for r in resumed_metrics] == [r["kl/pos"] for r in logged(tmp_path / "uninterrupted")[0]]
 
 
 @pytest.mark.slow
@@ -135,10 +143,10 @@ def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU, fsdp_
                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version)))
 
 
-def fsdp_worker(rank, world, port, name, answers):
+def fsdp_worker(rank, world, port, name, ulysses, ring, answers):
     """One of `world` gloo processes: FSDP2 as accelerate's plugin applies it (fully_shard of every block, then the
-    root, over the whole world), diffusers' Ulysses over the same processes, one CFG velocity loss scaled by C; puts
-    the largest gradient difference to one process computing the whole batch."""
+    root, over the whole world), context parallelism U x R = world over the same processes, one CFG velocity loss
+    scaled by C; puts the largest gradient difference to one process computing the whole batch."""
     import copy
 
     import torch.distributed as dist
@@ -163,8 +171,8 @@ def fsdp_worker(rank, world, port, name, answers):
             if type(block).__name__ == family.BLOCK_CLASS:
                 fully_shard(block)
         fully_shard(model)
-        parallel.enable(model, world, 1, world, torch.device("cpu"), family.CP_PLAN)
-        (loss(model) * parallel.loss_scale(parallel.layout(rank, world, world, 1))).backward()
+        parallel.enable(model, ulysses, ring, world, torch.device("cpu"), family.CP_PLAN)
+        (loss(model) * parallel.loss_scale(parallel.layout(rank, world, ulysses, ring))).backward()
         diff = max((p.grad.full_tensor() - r.grad).abs().max().item()
                    for p, r in zip(model.parameters(), reference.parameters()) if r.grad is not None)
         scale = max(r.grad.abs().max().item() for r in reference.parameters() if r.grad is not None)
@@ -176,10 +184,12 @@ def fsdp_worker(rank, world, port, name, answers):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny"])
-def test_fsdp2_over_the_context_group_gives_the_one_process_gradients(name):
+@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)])
+def test_fsdp2_over_the_context_group_gives_the_one_process_gradients(name, ulysses, ring):
     """Full fine-tuning under FSDP2 with context parallelism (parallel.py Deviations 4): FSDP2 shards over all
     processes and averages over them, the context group's partial sums are scaled by C. accelerate does not run
-    FSDP on CPU, so the two processes apply fully_shard as its FSDP2 plugin does; forked from this warm process."""
+    FSDP on CPU, so the two processes apply fully_shard as its FSDP2 plugin does; forked from this warm process.
+    Under Ulysses and under ring attention (diffusers' ring backward for Wan2.1, models/hunyuan.py's gather)."""
     import torch.multiprocessing as mp
 
     from models import backbones
@@ -190,7 +200,7 @@ def test_fsdp2_over_the_context_group_gives_the_one_process_gradients(name):
         port = s.getsockname()[1]
     ctx = mp.get_context("fork")
     answers = ctx.Queue()
-    workers = [ctx.Process(target=fsdp_worker, args=(r, 2, port, name, answers)) for r in range(2)]
+    workers = [ctx.Process(target=fsdp_worker, args=(r, 2, port, name, ulysses, ring, answers)) for r in range(2)]
     for w in workers:
         w.start()
     try:
@@ -207,7 +217,6 @@ def test_fsdp2_over_the_context_group_gives_the_one_process_gradients(name):
 @pytest.mark.parametrize("argv, processes, kind, message", [
     (["--ulysses_degree", "2"], 3, DistributedType.MULTI_CPU, "--ulysses_degree 2 x --ring_degree 1 = 2 must divide "
                                                              "the number of processes (3)"),
-    (["--ring_degree", "2"], 2, DistributedType.MULTI_CPU, "--ring_degree 2: ring attention needs a GPU"),
     (["--ulysses_degree", "2", "--full"], 2, DistributedType.DEEPSPEED, "with DeepSpeed is not supported"),
 ])
 def test_a_split_the_launch_cannot_run_is_refused_before_any_model(argv, processes, kind, message):
@@ -220,8 +229,9 @@ def test_a_split_the_launch_cannot_run_is_refused_before_any_model(argv, process
     (["--backbone", "tiny-wan", "--ulysses_degree", "3"], "--ulysses_degree 3 must divide the 2 attention heads"),
     (["--backbone", "tiny-wan", "--ulysses_degree", "2", "--num_frames", "1", "--height", "48", "--width", "48"],
      "must divide the 9 video tokens of --num_frames 1 --height 48 --width 48"),
-    (["--backbone", "tiny", "--ring_degree", "2"], "--ring_degree 2: HunyuanVideo-1.5's context parallelism is "
-                                                    "Ulysses only"),
+    (["--backbone", "tiny", "--ulysses_degree", "2", "--ring_degree", "2", "--num_frames", "1", "--height", "8",
+      "--width", "12"],
+     "--ulysses_degree 2 x --ring_degree 2 must divide the 6 video tokens"),
     (["--backbone", "tiny-wan", "--ulysses_degree", "0"], "--ulysses_degree 0: must be an integer >= 1"),
 ])
 def test_a_split_the_model_cannot_take_is_a_usage_error(argv, message):
@@ -245,8 +255,34 @@ def test_context_parallel_options_are_part_of_the_run_identity():
 
 
 def test_ring_attention_needs_a_backend_that_returns_the_log_sum_exp():
-    """On a GPU too: diffusers' default (native) backend cannot merge ring attention's partial results."""
+    """On a GPU, diffusers' default (native) backend cannot merge ring attention's partial results (Wan2.1's ring is
+    diffusers'); on CPU parallel.enable provides one; HunyuanVideo-1.5's ring (models/hunyuan.py) needs none."""
+    from models import hunyuan
     from training import parallel
 
     assert parallel.check_ring(1, "cuda") is None
     assert "active backend is 'native'" in parallel.check_ring(2, "cuda")
+    assert parallel.check_ring(2, "cpu") is None
+    assert parallel.check_ring(2, "cuda", hunyuan.CP_PLAN) is None
+
+
+def test_the_cpu_flash_kernel_gives_the_attention_its_log_sum_exp_and_their_gradients():
+    """parallel.register_cpu_flash_attention (Deviations 6) against the closed form: softmax(q k^T / sqrt(d)) v, the
+    log-sum-exp of the scores, and autograd's gradients of both, through the op diffusers' ring calls."""
+    from training import parallel
+
+    parallel.register_cpu_flash_attention()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64).float().requires_grad_() for _ in range(3))
+    scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+    out_ref, lse_ref = scores.softmax(-1) @ v, scores.logsumexp(-1)
+    grad_out = torch.randn_like(out_ref)
+    ref = torch.autograd.grad((out_ref * grad_out).sum(), (q, k, v))
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.detach(), k.detach(), v.detach())
+    assert torch.allclose(out, out_ref, atol=1e-6) and torch.allclose(lse, lse_ref, atol=1e-6)
+    assert (max_q, max_k) == (7, 7)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad_out, q.detach(), k.detach(), v.detach(), out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset)
+    for a, b in zip(grads, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -450,7 +450,7 @@ def check_launch(cfg: Config, accelerator) -> None:
                           "model); LoRA fits one GPU: use configs/multi_gpu_lora.yaml, or pass --full")
     cp_size = cfg.ulysses_degree * cfg.ring_degree  # training/parallel.py
     problem = parallel.launch_problem(accelerator.num_processes, cfg.ulysses_degree, cfg.ring_degree,
-                                      accelerator.device.type)
+                                      accelerator.device.type, backbones.module(cfg.backbone).CP_PLAN)
     if problem:
         raise ConfigError(problem)
     fsdp_plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)

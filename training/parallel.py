@@ -22,7 +22,7 @@ Deviations / choices
 1. Wan2.1's plan is diffusers' (`WanTransformer3DModel._cp_plan`: the video tokens and the rotary tables split,
    the text not: the cross-attention keys are the whole prompt on every process). HunyuanVideo-1.5 has no plan
    in diffusers 0.42.1 and attends jointly over video and text tokens: models/hunyuan.py writes its plan
-   (CP_PLAN) and its Ulysses attention over the joint sequence (hunyuan.py Deviation 10); ring is refused there.
+   (CP_PLAN) and its Ulysses and ring attention over the joint sequence (hunyuan.py Deviation 10).
 2. diffusers' `_resolve_parallel_config` takes the device index as rank % torch.accelerator.device_count(),
    which divides by zero on a machine without an accelerator; `enable` makes the count at least 1 while it
    calls `enable_parallelism` on CPU (gloo), nowhere else. The mesh is passed in, so diffusers builds none.
@@ -41,10 +41,16 @@ Deviations / choices
    under it).
 5. Validation: the validation prompts are split over the data-parallel ranks; a group samples its prompts
    together and only its context rank 0 writes the videos.
-6. Ring attention (`--ring_degree`) merges the partial attentions of the ring by their log-sum-exp, which
-   diffusers' native attention does not return ("Native attention does not support return_lse=True"); it needs
-   a GPU backend that does (flash, _native_cudnn, _native_flash, sage), so it is refused on CPU and is not
-   covered by the CPU tests. Ulysses runs on every backend that supports context parallelism, native included.
+6. Ring attention (`--ring_degree`) through diffusers' dispatcher (Wan2.1) merges the partial attentions of the
+   ring by their log-sum-exp, which diffusers' native attention does not return ("Native attention does not
+   support return_lse=True"). On a GPU it needs a backend that does (flash, _native_cudnn, _native_flash, sage),
+   named by DIFFUSERS_ATTN_BACKEND; anything else is refused before loading. On CPU (gloo: the tests, a laptop)
+   `enable` sets the transformer's backend to `_native_flash` and gives the aten op it calls,
+   `_scaled_dot_product_flash_attention`, which has no CPU kernel, one: torch's own CPU flash kernel
+   (`_scaled_dot_product_flash_attention_for_cpu`, which returns the log-sum-exp) and its backward
+   (`register_cpu_flash_attention`, one torch.library registration, CPU only). diffusers' ring code then runs
+   unchanged, its backward included. HunyuanVideo-1.5's ring is written in models/hunyuan.py and needs no
+   log-sum-exp. Ulysses runs on every backend that supports context parallelism, native included.
 7. sample.py and evaluate.py take the same two options: a group samples its share of the videos together, its
    context rank 0 writes them (sample.py), and evaluate.py scores each video once per group.
 """
@@ -71,29 +77,31 @@ class Layout:
 RING_BACKENDS = ("flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_flash", "sage", "sage_hub")
 
 
-def check_ring(ring_degree: int, device_type: str) -> str | None:
-    """None, or why ring attention cannot run here (Deviations 6): it needs a GPU and an attention backend that
-    returns the log-sum-exp, which diffusers' default (native) does not."""
-    if ring_degree == 1:
+def check_ring(ring_degree: int, device_type: str, cp_plan=None) -> str | None:
+    """None, or why ring attention cannot run here (Deviations 6). With diffusers' plan and attention (`cp_plan`
+    None: Wan2.1) on a GPU, the active backend must return the log-sum-exp, which diffusers' default (native)
+    does not; on CPU `enable` provides one. A family's own plan (HunyuanVideo-1.5) brings its own ring."""
+    if ring_degree == 1 or cp_plan is not None or device_type == "cpu":
         return None
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     backend = _AttentionBackendRegistry.get_active_backend()[0].value
-    if device_type != "cuda" or backend not in RING_BACKENDS:
-        return (f"--ring_degree {ring_degree}: ring attention needs a GPU and an attention backend that returns the "
-                f"log-sum-exp; diffusers' active backend is {backend!r} on {device_type}: use --ulysses_degree, or "
-                f"set DIFFUSERS_ATTN_BACKEND to one of {', '.join(RING_BACKENDS)} (training/parallel.py Deviations 6)")
+    if backend not in RING_BACKENDS:
+        return (f"--ring_degree {ring_degree}: ring attention needs an attention backend that returns the "
+                f"log-sum-exp; diffusers' active backend is {backend!r}: use --ulysses_degree, or set "
+                f"DIFFUSERS_ATTN_BACKEND to one of {', '.join(RING_BACKENDS)} (training/parallel.py Deviations 6)")
     return None
 
 
-def launch_problem(world: int, ulysses_degree: int, ring_degree: int, device_type: str) -> str | None:
+def launch_problem(world: int, ulysses_degree: int, ring_degree: int, device_type: str, cp_plan=None) -> str | None:
     """None, or why this launch cannot run the split: U x R must divide the processes, and ring attention needs
-    what check_ring says. One check for train.py, sample.py and evaluate.py."""
+    what check_ring says (`cp_plan`: the family module's CP_PLAN). One check for train.py, sample.py and
+    evaluate.py."""
     cp_size = ulysses_degree * ring_degree
     if world % cp_size:
         return (f"--ulysses_degree {ulysses_degree} x --ring_degree {ring_degree} = {cp_size} must divide the number "
                 f"of processes ({world}): each group of {cp_size} processes shares one set of videos")
-    return check_ring(ring_degree, device_type)
+    return check_ring(ring_degree, device_type, cp_plan)
 
 
 def layout(rank: int, world: int, ulysses_degree: int, ring_degree: int) -> Layout:
@@ -112,6 +120,9 @@ def enable(model, ulysses_degree: int, ring_degree: int, world: int, device: tor
     mesh = init_device_mesh(device.type, (world // cp_size, ring_degree, ulysses_degree),
                             mesh_dim_names=("dp", "ring", "ulysses"))
     config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree, mesh=mesh)
+    if ring_degree > 1 and cp_plan is None and device.type == "cpu":   # diffusers' ring on CPU (Deviations 6)
+        register_cpu_flash_attention()
+        model.set_attention_backend("_native_flash")
     count = torch.accelerator.device_count
     if device.type == "cpu":  # Deviations 2: diffusers computes rank % device_count(), 0 without an accelerator
         torch.accelerator.device_count = lambda: max(1, count())
@@ -120,6 +131,34 @@ def enable(model, ulysses_degree: int, ring_degree: int, world: int, device: tor
     finally:
         torch.accelerator.device_count = count
     return mesh
+
+
+_CPU_FLASH = []   # the torch.library registration of register_cpu_flash_attention, kept alive for the process
+
+
+def register_cpu_flash_attention() -> None:
+    """Gives aten's `_scaled_dot_product_flash_attention` and its backward a CPU kernel: torch's CPU flash
+    attention, which computes the same attention and its log-sum-exp (B, heads, S) under another op name. The
+    op's other outputs (sequence offsets, RNG state) matter only for variable-length batches and dropout, which
+    diffusers' ring does not use; they are returned empty. Registered once per process (Deviations 6)."""
+    if _CPU_FLASH:
+        return
+
+    def forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                             scale=scale)
+        empty = query.new_empty(0)
+        return out, lse, empty, empty, query.shape[2], key.shape[2], empty, empty, empty
+
+    def backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+                 is_causal, philox_seed, philox_offset, *, scale=None):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, scale=scale)
+
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("_scaled_dot_product_flash_attention", forward, "CPU")
+    library.impl("_scaled_dot_product_flash_attention_backward", backward, "CPU")
+    _CPU_FLASH.append(library)
 
 
 def count_tokens(model, block_class: str) -> dict:
