@@ -129,7 +129,8 @@ def parse_args():
                    help="print a torch.profiler table of one training forward + backward (top 15 by device time)")
     p.add_argument("--ulysses_degree", type=int, default=1,
                    help="context parallelism (train.py's option): print the video tokens each process computes and "
-                        "the Ulysses all-to-all bytes per forward and process; timing it needs U GPUs (not built)")
+                        "the bytes it receives per forward; timing it needs U x R GPUs (not built)")
+    p.add_argument("--ring_degree", type=int, default=1, help="the same for ring attention (with U: U x R)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args()
 
@@ -139,8 +140,8 @@ def check_args(args) -> tuple[list[str], list[int]]:
     def fail(message):
         raise SystemExit(f"benchmark.py: {message}")
 
-    if args.ulysses_degree < 1:
-        fail("--ulysses_degree must be >= 1")
+    if args.ulysses_degree < 1 or args.ring_degree < 1:
+        fail("--ulysses_degree and --ring_degree must be >= 1")
     if args.attention_rounds < 1 or args.train_timesteps < 1 or args.window_rounds < 1 or args.optimizer_rounds < 0:
         fail("--attention_rounds, --train_timesteps and --window_rounds must be >= 1, --optimizer_rounds >= 0")
     if args.group_size < 1 or args.num_steps < 1:
@@ -241,15 +242,18 @@ def main():
     result["video_tokens"] = tokens
     print(f"{result['device']}: {name} {result['params_b']:.2f} B params, latent {latent} = {tokens} video tokens "
           f"+ {args.text_tokens} text, built in {result['build_s']:.1f} s", flush=True)
-    if args.ulysses_degree > 1:  # training/parallel.py: arithmetic from the shapes, nothing is run
-        U, D = args.ulysses_degree, model.proj_out.in_features
+    if args.ulysses_degree * args.ring_degree > 1:  # training/parallel.py: arithmetic from the shapes, nothing is run
+        U, R, D = args.ulysses_degree, args.ring_degree, model.proj_out.in_features
+        C, rows = U * R, 2 * G   # processes per video; CFG doubles the rows of a forward
         blocks = sum(type(m).__name__ == family.BLOCK_CLASS for m in model.modules())
-        # q, k, v in and the output back, each (S / U) x D per row with (U - 1) / U of it leaving the process
-        moved = 4 * tokens * D * dtype.itemsize * (U - 1) / U**2 * blocks * 2 * G   # 2 G rows: CFG
-        result["context_parallel"] = {"ulysses_degree": U, "tokens_per_process": tokens / U,
-                                      "all_to_all_bytes_per_forward": moved}
-        print(f"context parallel U = {U}: {tokens / U:.0f} of {tokens} video tokens per process; all-to-all "
-              f"{moved / 1e9:.2f} GB per {2 * G}-row forward and process ({dtype}, {blocks} blocks)", flush=True)
+        # Ulysses: q, k, v in and the output back, each (S / C) x D per row, (U - 1) / U of it from other processes;
+        # then ring: the keys and values of my heads (D / U) for all S tokens, (R - 1) / R of them from the ring
+        per_row = 4 * tokens / C * D * (U - 1) / U + 2 * tokens * D / U * (R - 1) / R
+        moved = per_row * dtype.itemsize * blocks * rows
+        result["context_parallel"] = {"ulysses_degree": U, "ring_degree": R, "tokens_per_process": tokens / C,
+                                      "received_bytes_per_forward": moved}
+        print(f"context parallel U = {U}, R = {R}: {tokens / C:.0f} of {tokens} video tokens per process; each "
+              f"receives {moved / 1e9:.2f} GB per {rows}-row forward ({dtype}, {blocks} blocks)", flush=True)
 
     # FLOPs of one video's CFG forward (its prompt row and its negative-prompt row), and the bf16 peak
     one = torch.full((1,), 0.5, device=device)

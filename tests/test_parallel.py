@@ -98,8 +98,10 @@ def test_ulysses_or_ring_over_two_processes_trains_what_one_process_does_and_res
             assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
         # Adam divides each step by its gradient's running size, which turns round-off in near-zero gradient entries
         # into weight differences of a fraction of a step (lr 3e-4 per entry and update): measured 2.5e-5 to
-        # 3.4e-5 on tiny-wan (scores equal to the bit), 2.5e-7 on tiny. A shard's missing contribution would move
-        # entries by whole steps; a gradient scaled wrongly shows in grad_norm above (Adam's step does not see it)
+        # 3.4e-5 on tiny-wan, 2.5e-7 on tiny. After one update tiny-wan's largest is 1.6e-5, in an entry whose
+        # gradient is 1.3e-9 in one run and 2.0e-9 in the other (Adam's eps 1e-8; the gradient norm is 2e-3). A
+        # shard's missing contribution would move entries by whole steps; a gradient scaled wrongly shows in
+        # grad_norm above (Adam's step does not see it)
         difference = adapter_difference(tmp_path / "one", out)
         print(f"{backbone} {split} 2: adapter max |difference| {difference:.2e}")
         assert difference < 1e-4
