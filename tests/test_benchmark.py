@@ -41,7 +41,8 @@ def test_window_comparison_rows_follow_the_formula(capsys):
     (["--windows", "0"], "--windows"), (["--windows", "2,x"], "--windows"), (["--shared_prefix"], "--shared_prefix"),
     (["--train_variants", "3:ckpt"], "--train_variants"), (["--modes", "lora,half"], "--modes"),
     (["--micro_batch_size", "3"], "--micro_batch_size"), (["--ode_steps", "2"], "--ode_steps"),
-    (["--num_steps", "4", "--windows", "2", "--ode_steps", "3"], "--ode_steps"), (["--ring_degree", "0"], "--ring_degree"),
+    (["--num_steps", "4", "--windows", "2", "--ode_steps", "3"], "--ode_steps"),
+    (["--ring_degree", "0"], "--ring_degree"),
 ])
 def test_bad_options_are_refused_before_any_model(monkeypatch, argv, option):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", *argv])
