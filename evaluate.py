@@ -26,7 +26,8 @@ Deviations / choices
    (`--ode_solver`, `--ode_steps`, as sample.py's: by default Euler on the training grid; `pipeline` as the
    backbone's diffusers pipeline samples), the one protocol for all rows, whatever each run was trained with;
    the base weights are the runs' (their --pretrained, or for the random tiny backbones their --seed, which must
-   agree).
+   agree). eval.json records these settings; with `pipeline` the scheduler config the pipeline sampled with (its
+   folder's, its shift included) replaces the preset's shift, which the pipeline does not read.
 3. Video (p, s) starts from rollout_generators(s, VALIDATION, p, 1): the video `sample.py --seed s` makes
    for prompt p of the same file.
 4. Videos are scored as they are made (`--batch_size` at a time) and dropped: memory stays bounded whatever
@@ -206,7 +207,10 @@ def main(args: argparse.Namespace) -> dict:
 
     result = {"backbone": args.backbone, "pretrained": pretrained, "prompts": args.prompts, "num_prompts": P,
               "seeds": list(range(S)), "rewards": names, "columns": list(COLUMNS),
-              "settings": {**settings, "ode_solver": args.ode_solver, "ode_steps": args.ode_steps},
+              "settings": {**settings, "ode_solver": args.ode_solver, "ode_steps": args.ode_steps,
+                           # the pipeline samples with its folder's scheduler (its shift), not the preset's shift
+                           **({"shift": None, "pipeline_scheduler": dict(backbone.scheduler)}
+                              if args.ode_solver == "pipeline" else {})},
               "statistics": "mean; SE over prompts (seeds averaged first); ci95 = mean -+ 1.96 SE; win rate vs base "
                             "paired by prompt and seed, ties 0.5",
               "items": [{"prompt": p, "seed": s} for p, s, _ in items], "rows": []}

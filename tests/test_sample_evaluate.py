@@ -105,6 +105,20 @@ def test_evaluate_rows_are_paired_and_a_zero_adapter_ties_the_base(run, tmp_path
     assert (tmp_path / "two" / "eval.png").stat().st_size > 0
 
 
+def test_evaluate_through_the_pipeline_records_the_scheduler_it_sampled_with(run, tmp_path):
+    """--ode_solver pipeline samples with the weights folder's scheduler (its own shift), so evaluate.json records
+    that scheduler's config, not the preset's shift, which the pipeline does not read."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    result = evaluate.main(evaluate.parse_args(["--backbone", "tiny", "--runs", str(run), "--prompts", str(prompts),
+                                                "--seeds", "1", "--ode_solver", "pipeline",
+                                                "--output_dir", str(tmp_path / "eval")]))
+    assert result["settings"]["shift"] is None
+    folder = backbones.module("tiny").load_backbone("tiny", seed=0).scheduler   # the tiny folder's scheduler
+    assert folder["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert result["settings"]["pipeline_scheduler"] == folder
+
+
 @pytest.mark.parametrize("script, args, message", [
     (sample, ["--backbone", "tiny", "--lora", "/no/such/run", "--prompt", "x"], "--lora /no/such/run: .* does not exist"),
     (sample, ["--backbone", "wan22", "--prompt", "x"], "unknown backbone"),
