@@ -19,6 +19,7 @@ import os
 import signal
 import tempfile
 import time
+import weakref
 
 _CONTEXT = None
 
@@ -50,6 +51,12 @@ def slow_fsync() -> None:
     checkpoint._fsync = lambda path: (time.sleep(0.15), real(path))
 
 
+def _unlink(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 class Popen:
     def __init__(self, script: str, argv: list, env: dict, before=None):
         self._files = []
@@ -57,6 +64,8 @@ class Popen:
             handle, path = tempfile.mkstemp(prefix="launcher-", suffix="." + name)
             os.close(handle)
             self._files.append(path)
+        # the two files go when communicate() has read them, or when this object goes (a test that never asked)
+        self._remove_files = weakref.finalize(self, _unlink, list(self._files))
         self._process = _context().Process(target=_child, args=(script, [str(a) for a in argv], dict(env),
                                                                   tuple(self._files), before))
         self._process.start()
@@ -90,5 +99,5 @@ class Popen:
             for path in self._files:
                 with open(path, errors="replace") as f:
                     self._texts.append(f.read())
-                os.unlink(path)
+            self._remove_files()
         return tuple(self._texts)
