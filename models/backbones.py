@@ -17,7 +17,8 @@ A family module (hunyuan.py, wan.py) exposes the same few names, with the same s
     PIPELINE_CLASS (the model_index.json class of its Diffusers folders), VIDEO_FACTORS {name: (temporal, pixels
     per token side)}, HUB_IDS {name: hub id} for the models with downloadable weights, SUBFOLDERS (what a folder
     must hold); for the memory estimate TRANSFORMER_CLASS, BUILT_IN_CONFIGS {name: transformer config} of the
-    backbones built in code, TEXT_LINEARS (regex: block Linears that see only text tokens), MIN_TEXT_TOKENS.
+    backbones built in code, TEXT_LINEARS (regex: block Linears that see only text tokens), MIN_TEXT_TOKENS,
+    RING_KEEPS_GATHERED (whether its ring attention keeps the gathered keys and values for the backward).
 
 Adding a family = one module with those names + one line per backbone in BACKBONES.
 
@@ -377,12 +378,13 @@ def check_context_parallel(name: str, folder: str | None, *, num_frames: int, he
 def estimate_memory(name: str, folder: str | None, *, num_frames: int, height: int, width: int, num_steps: int,
                     batch_size: int, micro_batch_size: int, lora_rank: int, lora_targets: str, full: bool,
                     guidance: float, dtype: torch.dtype, gradient_checkpointing: bool,
-                    checkpointed_blocks: int | None, shards: int = 1, context_parallel: int = 1) -> MemoryEstimate:
+                    checkpointed_blocks: int | None, shards: int = 1, context_parallel: int = 1,
+                    ring_degree: int = 1) -> MemoryEstimate:
     """The MemoryEstimate of a training run with these (resolved) options, from the transformer's shapes alone
     (milliseconds for the tiny models, under 0.5 s for 14 B). `dtype` is the transformer's compute dtype (bf16
     under --mixed_precision bf16); `shards` the processes FSDP / DeepSpeed split the trained state over (1 for
     DDP or one process); `context_parallel` the processes one video's tokens are split over (U x R: each holds
-    1 / U x R of the block activations, and the whole rollout)."""
+    1 / U x R of the block activations, and the whole rollout), `ring_degree` R of them by ring attention."""
     family = module(name)
     model = transformer_skeleton(name, folder)
     temporal, pixels = family.VIDEO_FACTORS[name]
@@ -415,6 +417,12 @@ def estimate_memory(name: str, folder: str | None, *, num_frames: int, height: i
     # A checkpointed block keeps its input only, and the backward recomputes one block at a time.
     kept = blocks - checkpointed + (1 if checkpointed else 0)   # blocks whose activations are alive at the peak
     activations = kept * block + checkpointed * R * V_local * D * item
+    # Ring attention gathers the keys and values of the whole row (their D / U channels under Ulysses): one block's
+    # gathered copy at a time, or, where the family's ring keeps them for the backward, one per block that keeps its
+    # activations (RING_KEEPS_GATHERED: hunyuan.py Deviation 10); beyond this process's own share, counted above.
+    if ring_degree > 1:
+        gathered = 2 * R * V * (D // (context_parallel // ring_degree)) * item * (ring_degree - 1) // ring_degree
+        activations += gathered * (kept if family.RING_KEEPS_GATHERED else 1)
 
     size = f"--num_frames {num_frames} --height {height} --width {width}"
     lora = "--full" if full else f"--lora_rank {lora_rank} --lora_targets {lora_targets}"

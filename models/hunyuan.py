@@ -96,6 +96,7 @@ ATTENTION_PROCESSORS = ("diffusers", "valid")   # diffusers' masked processor, o
 # The video tokens enter the first block split along the sequence, with their rotary tables; the text stream
 # stays whole on every process; the output projection gathers the video tokens. The joint attention itself is
 # ValidTokenAttnProcessor's Ulysses and ring path (`_split`), which handles the whole text stream (Deviation 10).
+RING_KEEPS_GATHERED = True   # `_split`'s ring keeps the gathered keys and values for the backward (Deviation 10)
 CP_PLAN = {
     "rope": {0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
              1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)},

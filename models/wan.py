@@ -64,6 +64,7 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 VIDEO_FACTORS = {"wan21-1.3b": (4, 16), "wan21-14b": (4, 16), "tiny-wan": (4, 16)}
 ATTENTION_PROCESSORS = ("diffusers",)    # diffusers' WanAttnProcessor: no mask, flash kernels apply
 CP_PLAN = None   # context parallelism (training/parallel.py): diffusers' own WanTransformer3DModel._cp_plan
+RING_KEEPS_GATHERED = False   # diffusers' ring keeps its shard's keys and values and gathers again in the backward
 MAX_LENGTH = 512   # WanPipeline.__call__(max_sequence_length=512)
 # --lora_targets: the regex (full module names, peft's re.fullmatch) each choice gives peft, inside the blocks
 # only; the text and time embedders, patch embedding and output projection stay frozen.

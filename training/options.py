@@ -470,7 +470,7 @@ def check_launch(cfg: Config, accelerator) -> None:
             micro_batch_size=cfg.micro_batch_size, lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
             full=cfg.full, guidance=cfg.guidance, dtype=weight_dtype_of(accelerator),
             gradient_checkpointing=cfg.gradient_checkpointing, checkpointed_blocks=cfg.checkpointed_blocks,
-            shards=accelerator.num_processes if sharded else 1, context_parallel=cp_size)
+            shards=accelerator.num_processes if sharded else 1, context_parallel=cp_size, ring_degree=cfg.ring_degree)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -49,8 +49,11 @@ Deviations / choices
    `_scaled_dot_product_flash_attention`, which has no CPU kernel, one: torch's own CPU flash kernel
    (`_scaled_dot_product_flash_attention_for_cpu`, which returns the log-sum-exp) and its backward
    (`register_cpu_flash_attention`, one torch.library registration, CPU only). diffusers' ring code then runs
-   unchanged, its backward included. HunyuanVideo-1.5's ring is written in models/hunyuan.py and needs no
-   log-sum-exp. Ulysses runs on every backend that supports context parallelism, native included.
+   unchanged, its backward included. Two side effects: `set_attention_backend` also makes `_native_flash`
+   diffusers' process-wide active backend (nothing else in a Wan2.1 run dispatches through it), and diffusers'
+   optional input checks (DIFFUSERS_ATTN_CHECKS=1) refuse it in float32, which the CPU runs use: leave them off
+   there. HunyuanVideo-1.5's ring is written in models/hunyuan.py and needs no log-sum-exp. Ulysses runs on every
+   backend that supports context parallelism, native included.
 7. sample.py and evaluate.py take the same two options: a group samples its share of the videos together, its
    context rank 0 writes them (sample.py), and evaluate.py scores each video once per group.
 """
@@ -86,10 +89,11 @@ def check_ring(ring_degree: int, device_type: str, cp_plan=None) -> str | None:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     backend = _AttentionBackendRegistry.get_active_backend()[0].value
-    if backend not in RING_BACKENDS:
-        return (f"--ring_degree {ring_degree}: ring attention needs an attention backend that returns the "
-                f"log-sum-exp; diffusers' active backend is {backend!r}: use --ulysses_degree, or set "
-                f"DIFFUSERS_ATTN_BACKEND to one of {', '.join(RING_BACKENDS)} (training/parallel.py Deviations 6)")
+    if device_type != "cuda" or backend not in RING_BACKENDS:
+        return (f"--ring_degree {ring_degree}: ring attention needs a CUDA GPU (or the CPU) and an attention backend "
+                f"that returns the log-sum-exp; diffusers' active backend is {backend!r} on {device_type}: use "
+                f"--ulysses_degree, or set DIFFUSERS_ATTN_BACKEND to one of {', '.join(RING_BACKENDS)} "
+                f"(training/parallel.py Deviations 6)")
     return None
 
 
@@ -147,8 +151,8 @@ def register_cpu_flash_attention() -> None:
     def forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
                                                                              scale=scale)
-        empty = query.new_empty(0)
-        return out, lse, empty, empty, query.shape[2], key.shape[2], empty, empty, empty
+        cum_seq_q, cum_seq_k, seed, offset, debug_mask = (query.new_empty(0) for _ in range(5))   # five, unaliased
+        return out, lse, cum_seq_q, cum_seq_k, query.shape[2], key.shape[2], seed, offset, debug_mask
 
     def backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
                  is_causal, philox_seed, philox_offset, *, scale=None):
