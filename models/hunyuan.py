@@ -541,9 +541,10 @@ class ValidTokenAttnProcessor(HunyuanVideo15AttnProcessor2_0):
             video = video.reshape(N, U, V_local, h, D).permute(1, 0, 2, 3, 4).contiguous()   # (U: their tokens)
             video = dist_fn.all_to_all_single(torch.empty_like(video), video, group=group)   # (U: their heads)
             video = video.permute(1, 2, 0, 3, 4).reshape(N, V_local, H, D)
-        video = attn.to_out[1](attn.to_out[0](video.flatten(2, 3)))   # (N, V/(U R), H * D)
-        if encoder_hidden_states is None:
+        video = video.flatten(2, 3)   # (N, V/(U R), H * D)
+        if encoder_hidden_states is None:   # as diffusers' processor: no output projection without the text
             return video, None
+        video = attn.to_out[1](attn.to_out[0](video))
         text = out[:, V_query:]
         if U > 1:
             text = _Gather.apply(text, group, U, 2)   # (N, T, H, D), the same on every process
