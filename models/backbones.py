@@ -262,7 +262,7 @@ def find_weights(name: str, pretrained: str | None) -> str:
     if problem is None:
         # Every config file the loaders will read must parse now, not after minutes of loading the weights
         # that come before it (Deviations 5). Only the small *config.json files: tokenizer.json is megabytes.
-        repo = pretrained if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) else repo_default
+        repo = _repo_to_download(pretrained, repo_default)
         again = f"--local-dir {root}" if os.path.isdir(pretrained) else "--force-download"   # a folder / the cache
         for sub in family.SUBFOLDERS:
             for file in sorted(os.listdir(os.path.join(root, sub))):
@@ -270,7 +270,7 @@ def find_weights(name: str, pretrained: str | None) -> str:
                     read_config(os.path.join(root, sub, file),
                                 f"repair the file or download the folder again: hf download {repo} {again}")
         return root
-    repo = pretrained if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) else repo_default
+    repo = _repo_to_download(pretrained, repo_default)
     local = "checkpoints/" + name
     raise RuntimeError(
         f"{family.FAMILY} weights for --backbone {name} not found at {pretrained!r}: {problem}.\n"
@@ -278,6 +278,16 @@ def find_weights(name: str, pretrained: str | None) -> str:
         f"    hf download {repo} --local-dir {local}\n"
         f"(older huggingface_hub: huggingface-cli download {repo} --local-dir {local})\n"
         f"then pass --pretrained {local}")
+
+
+def _repo_to_download(pretrained: str, default: str) -> str:
+    """The hub id a message tells the user to download for --pretrained: the value itself when it reads as one
+    (owner/name), else the backbone's default. A relative path of the same shape is a folder, not a hub id, when its
+    first part is an existing folder or the checkpoints/ folder the messages suggest (checkpoints/wan21-1.3b)."""
+    first = pretrained.split("/")[0]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", pretrained) and first != "checkpoints" and not os.path.isdir(first):
+        return pretrained
+    return default
 
 
 def _pipeline_class(root: str) -> str | None:

@@ -82,11 +82,14 @@ def test_a_folder_of_the_other_family_fails_in_milliseconds_naming_both(tmp_path
     assert backbones.check_request("tiny-wan", None, 5, 32, 32) is None
 
 
-@pytest.mark.parametrize("where", ["missing_dir", "incomplete_dir", "hub_id"])
+@pytest.mark.parametrize("where", ["missing_dir", "incomplete_dir", "hub_id", "readme_dir"])
 def test_missing_wan_weights_print_the_download_command(where, tmp_path, monkeypatch):
+    """readme_dir: the README's relative checkpoints/wan21-1.3b, which has the shape of a hub id but is a folder."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))   # empty cache
+    monkeypatch.chdir(tmp_path)
     incomplete = fake_folder(tmp_path / "part", "WanPipeline", ["transformer", "vae"])
-    pretrained = {"missing_dir": str(tmp_path / "nope"), "incomplete_dir": incomplete, "hub_id": None}[where]
+    pretrained = {"missing_dir": str(tmp_path / "nope"), "incomplete_dir": incomplete, "hub_id": None,
+                  "readme_dir": "checkpoints/wan21-1.3b"}[where]
     start = time.perf_counter()
     with pytest.raises(RuntimeError) as err:
         backbones.check_request("wan21-1.3b", pretrained, 81, 480, 832)
