@@ -154,7 +154,15 @@ def score_batched(scorer, videos: torch.Tensor, prompts, fps: float, batch_size:
 
 def check_reward(name: str, model=None, prompt_template_file=None) -> None:
     """Every check of --reward / --reward_model / --reward_prompt_template that needs no weights (milliseconds
-    to a second or so: files, config.json, and for `vlm` the tokenizer files); call it before any model loads."""
+    to a second or so: files, config.json, VideoReward's checkpoint files, and for `vlm` the tokenizer files);
+    call it before any model loads. Raises ValueError or RuntimeError with one line saying what to do."""
+    try:
+        _check_reward(name, model, prompt_template_file)
+    except FileNotFoundError as err:   # a missing rubric file: a usage error like the others
+        raise ValueError(str(err)) from None
+
+
+def _check_reward(name: str, model, prompt_template_file) -> None:
     if name not in REWARDS:
         raise ValueError(f"unknown --reward {name!r}; choose one of {REWARDS}")
     if name == "proxy" and (model is not None or prompt_template_file is not None):
@@ -166,6 +174,8 @@ def check_reward(name: str, model=None, prompt_template_file=None) -> None:
             raise ValueError(f"--reward videoalign needs --reward_prompt_template FILE: {videoalign.PROMPT_HINT}")
         if prompt_template_file is not None:
             videoalign.load_prompt_template(prompt_template_file)  # exists, and holds the rubric's slots
+        if model != "tiny":
+            videoalign.find_weights(model or DEFAULT_MODELS["videoalign"])  # the files, not the weights
     if name == "vlm":
         from reward_models import vlm_judge
 

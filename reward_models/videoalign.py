@@ -144,6 +144,27 @@ def preprocess_video(video: torch.Tensor, fps: float, target_fps: float = 2.0, m
     return pixel_values, grid_thw, seconds_per_grid
 
 
+def find_weights(path, base_model: str = "Qwen/Qwen2-VL-2B-Instruct") -> tuple[Path, Path, bool]:
+    """(folder, its latest checkpoint-<step>, whether that holds a full model.pth rather than a LoRA split) of a
+    local KwaiVGI/VideoReward folder or a hub id in the local cache (Deviations 6). Reads file names only, so
+    rewards.check_reward runs it before any model loads; a RuntimeError with the download command otherwise."""
+    root = Path(path)
+    if not root.is_dir():  # a hub id: take it from the local cache only
+        from huggingface_hub import snapshot_download
+        try:
+            root = Path(snapshot_download(str(path), local_files_only=True))
+        except (FileNotFoundError, ValueError):  # not cached, or not a valid id: the error below says what to do
+            pass
+    steps = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    ckpts = sorted(steps, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    ckpt = ckpts[0] if ckpts else None  # the latest step, as VideoAlign's loader picks
+    full = ckpt is not None and (ckpt / "model.pth").is_file()
+    split = ckpt is not None and (ckpt / "adapter_model.safetensors").is_file()
+    if not (root / "model_config.json").is_file() or not (full or split):
+        raise RuntimeError(f"no VideoReward weights in {root}; {WEIGHTS_HINT.format(path=root, base=base_model)}")
+    return root, ckpt, full
+
+
 def check_template(text: str) -> str:
     """A rubric must hold {text_prompt} once, each reward token once in VQ, MQ, TA order, {video} at most once."""
     counts = {tok: text.count(tok) for tok in ("{text_prompt}",) + REWARD_TOKENS}
@@ -272,20 +293,8 @@ class VideoAlignReward(nn.Module):
     def from_pretrained(cls, path, prompt_template_file, device="cpu", dtype=torch.bfloat16,
                         base_model: str = "Qwen/Qwen2-VL-2B-Instruct", batch_size: int = 2):
         """Load a local KwaiVGI/VideoReward folder (model_config.json + checkpoint-<step>/) on base_model."""
-        template, root = load_prompt_template(prompt_template_file), Path(path)
-        if not root.is_dir():  # a hub id: take it from the local cache only (Deviations 6)
-            from huggingface_hub import snapshot_download
-            try:
-                root = Path(snapshot_download(str(path), local_files_only=True))
-            except (FileNotFoundError, ValueError):  # not cached, or not a valid id: the error below says what to do
-                pass
-        steps = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        ckpts = sorted(steps, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-        ckpt = ckpts[0] if ckpts else None  # the latest step, as VideoAlign's loader picks
-        full = ckpt is not None and (ckpt / "model.pth").is_file()
-        split = ckpt is not None and (ckpt / "adapter_model.safetensors").is_file()
-        if not (root / "model_config.json").is_file() or not (full or split):
-            raise RuntimeError(f"no VideoReward weights in {root}; {WEIGHTS_HINT.format(path=root, base=base_model)}")
+        template = load_prompt_template(prompt_template_file)
+        root, ckpt, full = find_weights(path, base_model)
         cfg = json.loads((root / "model_config.json").read_text())
         inference, data, peft = (cfg.get(k) or {} for k in ("inference_config", "data_config", "peft_lora_config"))
         stats = {h: (inference.get(f"{h}_mean", m), inference.get(f"{h}_std", s))

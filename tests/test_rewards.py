@@ -84,7 +84,16 @@ def test_check_reward_refuses_bad_options_before_any_model_loads(tmp_path):
     with pytest.raises(ValueError, match="needs --reward_prompt_template.*prompt_template.py"):
         rewards.check_reward("videoalign", "KwaiVGI/VideoReward")
     rewards.check_reward("videoalign", "tiny")  # the tiny twin has a stand-in rubric
-    with pytest.raises(FileNotFoundError, match="DETAILED_PROMPT_WITH_SPECIAL_TOKEN"):
+    with pytest.raises(ValueError, match="DETAILED_PROMPT_WITH_SPECIAL_TOKEN"):  # a usage error, like the rest
         rewards.check_reward("videoalign", "tiny", tmp_path / "missing.txt")
+    # VideoReward's files are looked for here, before any model loads (names only: no weight is read)
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_text("{text_prompt} <|VQ_reward|> <|MQ_reward|> <|TA_reward|>")
+    with pytest.raises(RuntimeError, match=f"no VideoReward weights in {tmp_path / 'VideoReward'}.*hf download"):
+        rewards.check_reward("videoalign", str(tmp_path / "VideoReward"), rubric)
+    (tmp_path / "VideoReward" / "checkpoint-7").mkdir(parents=True)
+    (tmp_path / "VideoReward" / "model_config.json").write_text("{}")
+    (tmp_path / "VideoReward" / "checkpoint-7" / "model.pth").write_bytes(b"")
+    rewards.check_reward("videoalign", str(tmp_path / "VideoReward"), rubric)
     with pytest.raises(ValueError, match="--reward_device_map is for --reward vlm"):
         rewards.build_reward("proxy", device_map="auto")
