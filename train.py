@@ -258,10 +258,10 @@ def main(cfg: options.Config) -> list[dict]:
     for tracker in accelerator.trackers:  # [dist] end_training() without destroying the process group (options Dev. 3)
         tracker.finish()
     policy = export.TRANSFORMER + "/" if cfg.full else f"{export.LORA_FILE}, {export.PEFT}/"
-    accelerator.print(f"done: {cfg.max_steps} steps in {cfg.output_dir}: the policy ({policy}), metrics.jsonl, "
-                      f"metrics.png, samples/, {checkpoint.CHECKPOINTS}/. Videos: python sample.py --backbone "
-                      f"{cfg.backbone} --{'transformer' if cfg.full else 'lora'} {cfg.output_dir} --prompt '...' "
-                      f"--output_dir <folder>")
+    accelerator.print(f"done: {cfg.max_steps} steps in {cfg.output_dir}: the policy ({policy}), metrics.jsonl, metrics"
+                      f".png, {'samples/, ' * bool(cfg.validation_steps)}{checkpoint.CHECKPOINTS}/. Videos: python "
+                      f"sample.py --backbone {cfg.backbone} --{'transformer' if cfg.full else 'lora'} {cfg.output_dir} "
+                      f"--prompt '...' --output_dir <folder>")
     return history
 
 

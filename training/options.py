@@ -555,7 +555,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     parser = OptionParser(Config, prog="train.py")
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")   # error() adds "(see --help)"
     if config.validation_prompt:  # repeated --validation_prompt, each taking one or more prompts
         config.validation_prompt = [p for group in config.validation_prompt for p in group]
     return config
