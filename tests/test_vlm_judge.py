@@ -127,7 +127,7 @@ def test_template_file_replaces_the_prompts_and_is_validated(tiny, tmp_path):
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(ValueError, match=message):
             rewards.check_reward("vlm", "tiny", tmp_path / "bad.txt")
-    with pytest.raises(FileNotFoundError, match="--reward_prompt_template"):
+    with pytest.raises(ValueError, match="--reward_prompt_template .*no such file"):
         rewards.check_reward("vlm", "tiny", tmp_path / "missing.txt")
 
 
