@@ -301,6 +301,12 @@ def one_line_warnings() -> None:
         one_line(message, filename, lineno) + "\n"
 
 
+# Warnings a library raises on every call of a code path it runs for us, which say nothing about the run: diffusers
+# 0.42.1's context-parallel hooks and ring attention call torch's deprecated functional all-gather (one warning per
+# forward with --ulysses_degree / --ring_degree). Not printed, not counted.
+LIBRARY_NOISE = (r"`torch\.distributed\._functional_collectives\.all_gather_tensor` is deprecated",)
+
+
 class StepWarnings:
     """Reports every warning raised during one iteration with that iteration's number, on one line each, however
     often the same text repeats (Python's default filter prints a given text once per call site, so a NaN reward
@@ -313,6 +319,8 @@ class StepWarnings:
         self._catcher = warnings.catch_warnings(record=True)
         self._caught = self._catcher.__enter__()
         warnings.simplefilter("always")
+        for message in LIBRARY_NOISE:
+            warnings.filterwarnings("ignore", message=message)
         return self
 
     def __exit__(self, *exc):
