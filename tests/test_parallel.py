@@ -150,7 +150,8 @@ def launch_config(processes, device="cpu", kind=DistributedType.MULTI_CPU, fsdp_
 
 
 def forked(target, world, *args):
-    """What rank 0 of `world` forked gloo processes running target(rank, world, port, *args, answers) puts."""
+    """What target(rank, world, *args) returns on rank 0 of `world` gloo processes forked from this warm process
+    (each joins the process group first and leaves it after)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -158,7 +159,7 @@ def forked(target, world, *args):
         port = s.getsockname()[1]
     ctx = mp.get_context("fork")
     answers = ctx.Queue()
-    workers = [ctx.Process(target=target, args=(r, world, port, *args, answers)) for r in range(world)]
+    workers = [ctx.Process(target=_in_group, args=(target, r, world, port, args, answers)) for r in range(world)]
     for w in workers:
         w.start()
     try:
@@ -171,43 +172,48 @@ def forked(target, world, *args):
         assert [w.exitcode for w in workers] == [0] * world
 
 
-def fsdp_worker(rank, world, port, name, ulysses, ring, answers):
-    """One of `world` gloo processes: FSDP2 as accelerate's plugin applies it (fully_shard of every block, then the
-    root, over the whole world), context parallelism U x R = world over the same processes, one CFG velocity loss
-    scaled by C; puts the largest gradient difference to one process computing the whole batch."""
+def _in_group(target, rank, world, port, args, answers):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        answer = target(rank, world, *args)
+        if rank == 0:
+            answers.put(answer)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_worker(rank, world, name, ulysses, ring):
+    """FSDP2 as accelerate's plugin applies it (fully_shard of every block, then the root, over the whole world),
+    context parallelism U x R = world over the same processes, one CFG velocity loss scaled by C: (the largest
+    gradient difference to one process computing the whole batch, the largest gradient)."""
     import copy
 
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from models import backbones
     from training import parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        family = backbones.module(name)
-        torch.manual_seed(0)
-        reference, latent, cond, uncond = family.random_policy(name, "cpu", torch.float32, 5, 32, 32, 5)
-        model = copy.deepcopy(reference)
-        g = torch.Generator().manual_seed(1)
-        x, target = torch.randn(2, *latent, generator=g), torch.randn(2, *latent, generator=g)
-        loss = lambda m: ((family.velocity(m, x, 0.7, cond.repeat_interleave(2), uncond.repeat_interleave(2), 4.5)  # noqa: E731
-                           - target) ** 2).mean()
-        loss(reference).backward()  # one process, the whole batch and every token
-        for block in model.modules():
-            if type(block).__name__ == family.BLOCK_CLASS:
-                fully_shard(block)
-        fully_shard(model)
-        parallel.enable(model, ulysses, ring, world, torch.device("cpu"), family.CP_PLAN)
-        (loss(model) * parallel.loss_scale(parallel.layout(rank, world, ulysses, ring))).backward()
-        diff = max((p.grad.full_tensor() - r.grad).abs().max().item()
-                   for p, r in zip(model.parameters(), reference.parameters()) if r.grad is not None)
-        scale = max(r.grad.abs().max().item() for r in reference.parameters() if r.grad is not None)
-        if rank == 0:
-            answers.put((diff, scale))
-    finally:
-        dist.destroy_process_group()
+    family = backbones.module(name)
+    torch.manual_seed(0)
+    reference, latent, cond, uncond = family.random_policy(name, "cpu", torch.float32, 5, 32, 32, 5)
+    model = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(2, *latent, generator=g), torch.randn(2, *latent, generator=g)
+    loss = lambda m: ((family.velocity(m, x, 0.7, cond.repeat_interleave(2), uncond.repeat_interleave(2), 4.5)  # noqa: E731
+                       - target) ** 2).mean()
+    loss(reference).backward()  # one process, the whole batch and every token
+    for block in model.modules():
+        if type(block).__name__ == family.BLOCK_CLASS:
+            fully_shard(block)
+    fully_shard(model)
+    parallel.enable(model, ulysses, ring, world, torch.device("cpu"), family.CP_PLAN)
+    (loss(model) * parallel.loss_scale(parallel.layout(rank, world, ulysses, ring))).backward()
+    diff = max((p.grad.full_tensor() - r.grad).abs().max().item()
+               for p, r in zip(model.parameters(), reference.parameters()) if r.grad is not None)
+    return diff, max(r.grad.abs().max().item() for r in reference.parameters() if r.grad is not None)
 
 
 @pytest.mark.slow
@@ -229,34 +235,26 @@ def test_fsdp2_over_the_context_group_gives_the_one_process_gradients(name, ulys
     assert scale > 1e-3 and diff < 5e-6 * world * scale, (diff, scale)  # without the scale C: 1/C of the gradient
 
 
-def saved_bytes_worker(rank, world, port, name, ulysses, ring, answers):
-    """One of `world` gloo processes: the bytes of the tensors one CFG velocity forward keeps for its backward
-    (distinct storages, parameters included), under context parallelism U x R = world."""
-    import torch.distributed as dist
-
+def saved_bytes_worker(rank, world, name, ulysses, ring):
+    """The bytes of the tensors one CFG velocity forward keeps for its backward (distinct storages, parameters
+    included), under context parallelism U x R = world."""
     from models import backbones
     from training import parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        family = backbones.module(name)
-        torch.manual_seed(0)
-        model, latent, cond, uncond = family.random_policy(name, "cpu", torch.float32, 5, 32, 32, 5)
-        parallel.enable(model, ulysses, ring, world, torch.device("cpu"), family.CP_PLAN)
-        x = torch.randn(1, *latent, generator=torch.Generator().manual_seed(1))
-        kept = {}
+    family = backbones.module(name)
+    torch.manual_seed(0)
+    model, latent, cond, uncond = family.random_policy(name, "cpu", torch.float32, 5, 32, 32, 5)
+    parallel.enable(model, ulysses, ring, world, torch.device("cpu"), family.CP_PLAN)
+    x = torch.randn(1, *latent, generator=torch.Generator().manual_seed(1))
+    kept = {}
 
-        def pack(t):
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            family.velocity(model, x, 0.7, cond, uncond, 4.5)
-        if rank == 0:
-            answers.put(sum(kept.values()))
-    finally:
-        dist.destroy_process_group()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        family.velocity(model, x, 0.7, cond, uncond, 4.5)
+    return sum(kept.values())
 
 
 @pytest.mark.slow
